@@ -1,0 +1,3 @@
+"""gateway: an async-job callback gateway for CI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,79 @@
+"""What every route module needs: the wired context, bounded body reading, query parsing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from gateway.auth import Authenticator
+from gateway.clock import Clock
+from gateway.config import Settings
+from gateway.errors import MalformedRequest, PayloadTooLarge
+from gateway.metrics import Metrics
+from gateway.models import IdGenerator, Principal
+from gateway.store.base import Store
+from gateway.tokens import ContinueTokens
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+
+
+@dataclass
+class Context:
+    """The parts `create_app` wires together; reachable from every request."""
+
+    settings: Settings
+    store: Store
+    clock: Clock
+    tokens: ContinueTokens
+    ids: IdGenerator
+    metrics: Metrics
+    auth: Authenticator
+
+    def continue_url(self, token: str) -> str:
+        return f"{self.settings.base_url}/continue/{token}"
+
+
+def context(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+async def authenticated(request: Request) -> tuple[Context, Principal]:
+    ctx = context(request)
+    return ctx, await ctx.auth.require(request)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or PayloadTooLarge as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def query_int(request: Request, name: str, default: int, *, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise MalformedRequest(f"`{name}` must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def query_limit(request: Request) -> int:
+    return query_int(request, "limit", DEFAULT_LIMIT, low=1, high=MAX_LIMIT)
+
+
+def json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status_code, headers=headers)

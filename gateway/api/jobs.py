@@ -1,0 +1,143 @@
+"""`/api/v1/jobs`: create, read, list, cancel, retry, trace, events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from gateway.api.common import Context, authenticated, json, query_int, query_limit, read_body
+from gateway.errors import MalformedRequest, NotFound
+from gateway.models import Job, JobSpec, Variable, decode_body, event_to_wire, job_to_wire
+from gateway.states import Kind, State
+from gateway.tokens import ContinueCredential
+
+MASK = b"[MASKED]"
+_MASK_WINDOW = 4096
+
+
+def _with_url(ctx: Context, job: Job, credential: ContinueCredential | None) -> dict[str, Any]:
+    body = job_to_wire(job)
+    if credential is not None:
+        body["continue_url"] = ctx.continue_url(credential.token)
+    return body
+
+
+def _credential_for(ctx: Context, job_id: str, spec: JobSpec) -> ContinueCredential | None:
+    """External jobs get their continue URL at creation; script jobs at hand-out."""
+    return ctx.tokens.mint(job_id) if spec.kind is Kind.EXTERNAL else None
+
+
+async def create_job(request: Request) -> Response:
+    ctx, _ = await authenticated(request)
+    spec = decode_body(await read_body(request, ctx.settings.max_body_bytes) or b"null", JobSpec)
+    spec.check()
+    now = ctx.clock.now()
+    job_id = ctx.ids.new(now)
+    credential = _credential_for(ctx, job_id, spec)
+    transition = await ctx.store.create_job(job_id, spec, credential, now)
+    ctx.metrics.record(transition.events)
+    return json(_with_url(ctx, transition.job, credential), 201)
+
+
+async def _job_or_404(ctx: Context, job_id: str) -> Job:
+    job = await ctx.store.get_job(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+async def get_job(request: Request) -> Response:
+    ctx, _ = await authenticated(request)
+    return json(job_to_wire(await _job_or_404(ctx, request.path_params["job_id"])))
+
+
+async def list_jobs(request: Request) -> Response:
+    ctx, _ = await authenticated(request)
+    raw_state = request.query_params.get("state")
+    try:
+        state = None if raw_state is None else State(raw_state)
+    except ValueError:
+        raise MalformedRequest(f"`state` must be one of {', '.join(s.value for s in State)}") from None
+    page = await ctx.store.list_jobs(
+        state=state,
+        pipeline_id=request.query_params.get("pipeline_id"),
+        limit=query_limit(request),
+        cursor=request.query_params.get("cursor"),
+    )
+    return json({"items": [job_to_wire(job) for job in page.items], "next_cursor": page.next_cursor})
+
+
+async def cancel_job(request: Request) -> Response:
+    ctx, _ = await authenticated(request)
+    transition = await ctx.store.cancel_job(request.path_params["job_id"], ctx.clock.now())
+    ctx.metrics.record(transition.events)
+    return json(job_to_wire(transition.job))
+
+
+async def retry_job(request: Request) -> Response:
+    ctx, _ = await authenticated(request)
+    old = await _job_or_404(ctx, request.path_params["job_id"])
+    now = ctx.clock.now()
+    new_id = ctx.ids.new(now)
+    credential = _credential_for(ctx, new_id, old.spec)
+    transition = await ctx.store.retry_job(old.id, new_id, credential, now)
+    ctx.metrics.record(transition.events)
+    return json(_with_url(ctx, transition.job, credential), 201)
+
+
+def secrets_of(ctx: Context, job: Job) -> list[bytes]:
+    """Values masked when the job's trace is read: its continue token and masked variables."""
+    found = [
+        value.value.encode()
+        for value in job.spec.variables.values()
+        if isinstance(value, Variable) and value.masked and value.value
+    ]
+    if job.token_nonce is not None:
+        found.append(ctx.tokens.derive(job.id, job.token_nonce).encode())
+    return sorted(found, key=len, reverse=True)
+
+
+def mask(data: bytes, secrets: list[bytes]) -> bytes:
+    for secret in secrets:
+        data = data.replace(secret, MASK)
+    return data
+
+
+async def read_trace(request: Request) -> Response:
+    ctx, _ = await authenticated(request)
+    job = await _job_or_404(ctx, request.path_params["job_id"])
+    offset = query_int(request, "offset", 0, low=0, high=2**62)
+    # Read a little before `offset` so a secret straddling it is still recognised.
+    start = max(0, offset - _MASK_WINDOW)
+    raw = await ctx.store.read_trace(job.id, start)
+    secrets = secrets_of(ctx, job)
+    head = mask(raw[: offset - start], secrets)
+    whole = mask(raw, secrets)
+    return PlainTextResponse(
+        whole[len(head) :].decode(errors="replace"),
+        headers={"X-Trace-Size": str(start + len(raw))},
+    )
+
+
+async def list_events(request: Request) -> Response:
+    ctx, _ = await authenticated(request)
+    page = await ctx.store.list_events(
+        request.path_params["job_id"],
+        limit=query_limit(request),
+        cursor=request.query_params.get("cursor"),
+    )
+    return json({"items": [event_to_wire(e) for e in page.items], "next_cursor": page.next_cursor})
+
+
+routes = [
+    Route("/api/v1/jobs", create_job, methods=["POST"]),
+    Route("/api/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/api/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
+    Route("/api/v1/jobs/{job_id}/trace", read_trace, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}/events", list_events, methods=["GET"]),
+]

@@ -1,0 +1,161 @@
+"""`create_app`: the one place where the parts are wired, and where errors become HTTP answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.api import continuation, jobs, ops
+from gateway.api.common import Context
+from gateway.api.openapi import build_openapi
+from gateway.auth import Authenticator
+from gateway.clock import Clock, SystemClock
+from gateway.config import Settings
+from gateway.errors import (
+    AlreadyFinal,
+    Forbidden,
+    GatewayError,
+    IllegalTransition,
+    InvalidField,
+    MalformedRequest,
+    NotFound,
+    NotLatestAttempt,
+    NotReady,
+    PayloadTooLarge,
+    StateConflict,
+    Unauthorized,
+)
+from gateway.keys import ADMIN_TOKEN_FILE, SECRET_KEY_FILE, load_or_create
+from gateway.metrics import Metrics
+from gateway.models import IdGenerator
+from gateway.store import Store, open_store
+from gateway.sweeper import Sweeper
+from gateway.tokens import ContinueTokens, key_fingerprint, token_hash
+
+log = logging.getLogger("gateway")
+
+# The one table from error class to HTTP status; the most specific class listed first wins.
+STATUS_BY_ERROR: list[tuple[type[GatewayError], int]] = [
+    (MalformedRequest, 400),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (AlreadyFinal, 409),
+    (NotReady, 409),
+    (NotLatestAttempt, 409),
+    (IllegalTransition, 409),
+    (StateConflict, 409),
+    (PayloadTooLarge, 413),
+    (InvalidField, 422),
+]
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def status_of(error: GatewayError) -> int:
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(error, cls):
+            return status
+    return 400
+
+
+def error_response(status: int, code: str, detail: str, **extra: object) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(status_of(exc), exc.code, exc.detail, **exc.extra())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": code, "detail": str(exc.detail)},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled_error", extra={"path": request.url.path})
+    return error_response(500, "internal", "the gateway failed to answer; see its log")
+
+
+@dataclass(frozen=True)
+class StartupInfo:
+    """What `gateway serve` tells the operator at start (paths, never secret values)."""
+
+    admin_token_path: Path | None
+    admin_token_created: bool
+    secret_key_path: Path | None
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    store: Store | None = None,
+    run_sweeper: bool = True,
+) -> Starlette:
+    """The ASGI app. Secrets are resolved now (generated into the data dir on first start);
+    the store opens, migrates and starts being swept when the app's lifespan starts."""
+    clock = clock or SystemClock()
+    store = store or open_store(settings)
+    secret_key = load_or_create(settings.secret_key, settings.data_dir, SECRET_KEY_FILE)
+    admin_token = load_or_create(settings.admin_token, settings.data_dir, ADMIN_TOKEN_FILE)
+    metrics = Metrics()
+    ctx = Context(
+        settings=settings,
+        store=store,
+        clock=clock,
+        tokens=ContinueTokens(secret_key.value),
+        ids=IdGenerator(),
+        metrics=metrics,
+        auth=Authenticator(store, clock),
+    )
+    sweeper = Sweeper(store, clock, metrics, interval_s=settings.sweep_interval_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        await store.claim_secret_fingerprint(key_fingerprint(secret_key.value))
+        await store.ensure_api_token("admin", token_hash(admin_token.value), "admin", clock.now())
+        stop = asyncio.Event()
+        task = asyncio.create_task(sweeper.run(stop)) if run_sweeper else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                await task
+            await store.close()
+
+    app = Starlette(
+        routes=[*jobs.routes, *continuation.routes, *ops.routes],
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.sweeper = sweeper
+    app.state.openapi = build_openapi()
+    app.state.startup = StartupInfo(
+        admin_token_path=admin_token.path,
+        admin_token_created=admin_token.created,
+        secret_key_path=secret_key.path,
+    )
+    return app

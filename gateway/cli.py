@@ -1,0 +1,274 @@
+"""The `gateway` command: `serve`, the `job` client and `continue` for external systems' scripts.
+
+Client commands talk HTTP to a running gateway (`--url`, `GATEWAY_URL`) with an API token
+(`--token`, `GATEWAY_TOKEN`, else the admin token file in the data dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway import __version__
+from gateway.config import DEFAULT_DATA_DIR, Settings
+from gateway.errors import ConfigError, StoreError
+from gateway.keys import ADMIN_TOKEN_FILE
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+CLIENT_TIMEOUT_S = 30.0
+CONTINUE_ATTEMPTS = 5
+
+
+class CommandError(Exception):
+    """A client command failed; the message is printed and the exit code is 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.run(args)
+    except (CommandError, ConfigError, StoreError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="run the gateway (API, sweeper)")
+    serve.add_argument("--host", help="listen address (GATEWAY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port, 0 for any (GATEWAY_PORT, 8080)")
+    serve.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR, ./gateway-data)")
+    serve.add_argument("--db", help="sqlite:///path (GATEWAY_DB)")
+    serve.add_argument("--public-url", help="base of continue URLs (GATEWAY_PUBLIC_URL)")
+    serve.add_argument("--sweep-interval-s", type=float, help="GATEWAY_SWEEP_INTERVAL_S")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.set_defaults(run=_serve)
+
+    job = commands.add_parser("job", help="create and inspect jobs").add_subparsers(title="job")
+    create = job.add_parser("create", help="create a job; prints it (with continue_url)")
+    create.add_argument("name")
+    create.add_argument("--kind", choices=["external", "script"], default="external")
+    create.add_argument("--script", action="append", help="a script line (repeatable)")
+    create.add_argument("--async", dest="is_async", action="store_true")
+    create.add_argument("--callback-timeout-s", type=int)
+    create.add_argument("--heartbeat-timeout-s", type=int)
+    create.add_argument("--timeout-s", type=int)
+    create.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
+    create.add_argument("--continue-on-get", action="store_true")
+    create.set_defaults(run=_job_create)
+    get = job.add_parser("get", help="show a job")
+    get.add_argument("job_id")
+    get.set_defaults(run=_job_get)
+    listing = job.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--state")
+    listing.add_argument("--pipeline-id")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(run=_job_list)
+    cancel = job.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(run=_job_cancel)
+    retry = job.add_parser("retry", help="retry a finished job (prints the new continue_url)")
+    retry.add_argument("job_id")
+    retry.set_defaults(run=_job_retry)
+    for sub in (create, get, listing, cancel, retry):
+        _client_options(sub)
+
+    cont = commands.add_parser("continue", help="call a continue URL: finish the job")
+    cont.add_argument("url")
+    cont.add_argument("--failed", action="store_true", help="report failure")
+    cont.add_argument("--exit-code", type=int)
+    cont.add_argument("--message")
+    cont.add_argument("--output", action="append", default=[], metavar="KEY=VALUE")
+    cont.add_argument("--result", help="any JSON kept on the job")
+    cont.add_argument("--idempotency-key", help="default: a fresh one, reused on retries")
+    cont.set_defaults(run=_continue)
+    return parser
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help=f"gateway address (GATEWAY_URL, {DEFAULT_URL})")
+    parser.add_argument("--token", help="API token (GATEWAY_TOKEN, else the data dir's)")
+    parser.add_argument("--data-dir", help="where to find the admin token (GATEWAY_DATA_DIR)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    probe = Settings.from_env(host=args.host, port=args.port if args.port else None)
+    sock = socket.socket(socket.AF_INET6 if ":" in probe.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    port = probe.port if args.port is None else args.port
+    sock.bind((probe.host, port))
+    settings = Settings.from_env(
+        host=args.host,
+        port=sock.getsockname()[1],
+        data_dir=args.data_dir,
+        db=args.db,
+        public_url=args.public_url,
+        sweep_interval_s=args.sweep_interval_s,
+    )
+    app = create_app(settings)
+    info = app.state.startup
+    print(f"gateway {__version__} listening on http://{settings.host}:{settings.port}", flush=True)
+    print(f"continue URLs start with {settings.base_url}/continue/", flush=True)
+    if info.admin_token_path is not None:
+        created = " (new)" if info.admin_token_created else ""
+        print(
+            f"admin token{created} in {info.admin_token_path}: send it as"
+            f" 'Authorization: Bearer <token>'",
+            flush=True,
+        )
+    else:
+        print("admin token: GATEWAY_ADMIN_TOKEN", flush=True)
+    if settings.host in ("0.0.0.0", "::") and not settings.public_url:
+        logging.getLogger("gateway").warning(
+            "listening on all interfaces without GATEWAY_PUBLIC_URL; continue URLs use localhost"
+        )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _client(args: argparse.Namespace) -> httpx.Client:
+    url = args.url or os.environ.get("GATEWAY_URL") or DEFAULT_URL
+    token = args.token or os.environ.get("GATEWAY_TOKEN")
+    if not token:
+        data_dir = Path(args.data_dir or os.environ.get("GATEWAY_DATA_DIR") or DEFAULT_DATA_DIR)
+        path = data_dir / ADMIN_TOKEN_FILE
+        if not path.exists():
+            raise CommandError("no API token: pass --token or set GATEWAY_TOKEN")
+        token = path.read_text().strip()
+    return httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=CLIENT_TIMEOUT_S
+    )
+
+
+def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    with _client(args) as client:
+        try:
+            response = client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise CommandError(f"cannot reach the gateway: {exc}") from None
+    return _answer(response)
+
+
+def _answer(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "http_error", "detail": response.text[:200]}
+    if response.is_error:
+        raise CommandError(f"{response.status_code} {body.get('error')}: {body.get('detail')}")
+    return body
+
+
+def _print(body: Any) -> int:
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"{what} must be KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _job_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name, "kind": args.kind}
+    optional = {
+        "script": args.script,
+        "callback_timeout_s": args.callback_timeout_s,
+        "heartbeat_timeout_s": args.heartbeat_timeout_s,
+        "timeout_s": args.timeout_s,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if args.is_async:
+        body["async"] = True
+    if args.continue_on_get:
+        body["continue_on_get"] = True
+    if args.var:
+        body["variables"] = _pairs(args.var, "--var")
+    return _print(_call(args, "POST", "/api/v1/jobs", json=body))
+
+
+def _job_get(args: argparse.Namespace) -> int:
+    return _print(_call(args, "GET", f"/api/v1/jobs/{args.job_id}"))
+
+
+def _job_list(args: argparse.Namespace) -> int:
+    params = {"limit": args.limit, "state": args.state, "pipeline_id": args.pipeline_id}
+    page = _call(args, "GET", "/api/v1/jobs", params={k: v for k, v in params.items() if v})
+    for job in page["items"]:
+        print(f"{job['id']}  {job['state']:<9} {job['name']}")
+    return 0
+
+
+def _job_cancel(args: argparse.Namespace) -> int:
+    return _print(_call(args, "POST", f"/api/v1/jobs/{args.job_id}/cancel"))
+
+
+def _job_retry(args: argparse.Namespace) -> int:
+    return _print(_call(args, "POST", f"/api/v1/jobs/{args.job_id}/retry"))
+
+
+def _continue(args: argparse.Namespace) -> int:
+    """POST the terminal call, retrying transport errors with the same Idempotency-Key so a lost
+    reply is answered by the gateway's replay, never a second transition."""
+    body: dict[str, Any] = {}
+    if args.failed:
+        body["status"] = "failed"
+    if args.exit_code is not None:
+        body["exit_code"] = args.exit_code
+    if args.message is not None:
+        body["message"] = args.message
+    if args.output:
+        body["outputs"] = _pairs(args.output, "--output")
+    if args.result is not None:
+        try:
+            body["result"] = json.loads(args.result)
+        except ValueError:
+            raise CommandError("--result must be JSON") from None
+    key = args.idempotency_key or uuid.uuid4().hex
+    last_error: Exception | None = None
+    with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
+        for attempt in range(CONTINUE_ATTEMPTS):
+            try:
+                response = client.post(args.url, json=body, headers={"Idempotency-Key": key})
+            except httpx.TransportError as exc:
+                last_error = exc
+                time.sleep(min(2.0**attempt, 10.0))
+                continue
+            return _print(_answer(response))
+    raise CommandError(f"cannot reach the gateway: {last_error}")

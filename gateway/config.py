@@ -1,0 +1,118 @@
+"""Configuration: one frozen object built at the edge from `GATEWAY_*` variables and flags.
+
+Nothing reads the environment at import time; `Settings.from_env` is called by the CLI (or a
+test) and the result is passed to `create_app`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_DATA_DIR = "./gateway-data"
+DEFAULT_SWEEP_INTERVAL_S = 1.0
+DEFAULT_CONFIRM_TIMEOUT_S = 60
+DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S = 300
+DEFAULT_CALLBACK_TIMEOUT_S = 86_400
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+DEFAULT_RETENTION_DAYS = 30
+SWEEP_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `gateway serve` needs to know, typed and validated."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    db: str | None = None
+    public_url: str | None = None
+    admin_token: str | None = None
+    secret_key: str | None = None
+    metrics_token: str | None = None
+    sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S
+    confirm_timeout_s: int = DEFAULT_CONFIRM_TIMEOUT_S
+    runner_heartbeat_timeout_s: int = DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S
+    default_callback_timeout_s: int = DEFAULT_CALLBACK_TIMEOUT_S
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    retention_days: int = DEFAULT_RETENTION_DAYS
+
+    @property
+    def base_url(self) -> str:
+        """Where continue URLs point: `GATEWAY_PUBLIC_URL`, else the listening address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "localhost" if self.host in ("0.0.0.0", "::") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The embedded database file (`sqlite:///path` in `db`, else inside the data dir)."""
+        if self.db is None:
+            return self.data_dir / "gateway.sqlite3"
+        if self.db.startswith("sqlite:///"):
+            return Path(self.db.removeprefix("sqlite:///"))
+        raise ConfigError(f"unsupported database URL scheme: {self.db.split(':', 1)[0]}")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from `GATEWAY_*` variables; keyword overrides (flags) win.
+
+        Raises ConfigError naming the variable when a value has the wrong type.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(f"GATEWAY_{field.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _convert(field.name, field.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigError when a value is out of range."""
+        if not 0 < self.port < 65536:
+            raise ConfigError("GATEWAY_PORT must be between 1 and 65535")
+        for name in (
+            "sweep_interval_s",
+            "confirm_timeout_s",
+            "runner_heartbeat_timeout_s",
+            "default_callback_timeout_s",
+            "max_body_bytes",
+            "retention_days",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"GATEWAY_{name.upper()} must be positive")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError("GATEWAY_PUBLIC_URL must start with http:// or https://")
+        self.sqlite_path  # noqa: B018 - raises on an unsupported scheme
+
+
+def _convert(name: str, annotation: Any, raw: str) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"GATEWAY_{name.upper()} must be a number, got {raw!r}") from None
+    return raw

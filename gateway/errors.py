@@ -1,0 +1,120 @@
+"""One exception hierarchy; each error carries a stable machine code.
+
+    GatewayError
+    ├── ConfigError            bad configuration at start (never an HTTP answer)
+    ├── RequestError           the caller's fault
+    │   ├── MalformedRequest       400 malformed (bad JSON, bad cursor, bad limit)
+    │   ├── Unauthorized           401 unauthorized
+    │   ├── Forbidden              403 forbidden
+    │   ├── NotFound               404 not_found
+    │   ├── InvalidField           422 invalid
+    │   ├── PayloadTooLarge        413 too_large
+    │   └── StateConflict          409 (a code per cause)
+    │       ├── AlreadyFinal           409 already_final (job is terminal)
+    │       ├── NotReady               409 not_ready (job's needs not met yet)
+    │       └── NotLatestAttempt       409 not_latest_attempt (retry of a retried job)
+    └── StoreError             the store cannot serve (schema newer than code, key mismatch)
+
+HTTP statuses live in one table in `gateway.app`; error messages never carry a token or secret.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def extra(self) -> dict[str, Any]:
+        """Fields added to the JSON error body beside `error` and `detail`."""
+        return {}
+
+
+class ConfigError(GatewayError):
+    code = "config"
+
+
+class StoreError(GatewayError):
+    code = "store"
+
+
+class RequestError(GatewayError):
+    code = "bad_request"
+
+
+class MalformedRequest(RequestError):
+    code = "malformed"
+
+
+class Unauthorized(RequestError):
+    code = "unauthorized"
+
+
+class Forbidden(RequestError):
+    code = "forbidden"
+
+
+class NotFound(RequestError):
+    code = "not_found"
+
+
+class InvalidField(RequestError):
+    code = "invalid"
+
+
+class PayloadTooLarge(RequestError):
+    code = "too_large"
+
+
+class StateConflict(RequestError):
+    code = "conflict"
+
+
+class AlreadyFinal(StateConflict):
+    """The job is terminal: nothing changes; the caller learns the outcome."""
+
+    code = "already_final"
+
+    def __init__(self, state: str, failure_reason: str | None) -> None:
+        super().__init__(f"the job already ended: {state}")
+        self.state = state
+        self.failure_reason = failure_reason
+
+    def extra(self) -> dict[str, Any]:
+        return {"state": self.state, "failure_reason": self.failure_reason}
+
+
+class NotReady(StateConflict):
+    code = "not_ready"
+
+    def __init__(self, state: str) -> None:
+        super().__init__("the job's needs are not met yet; call again once it is pending")
+        self.state = state
+
+    def extra(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+
+class NotLatestAttempt(StateConflict):
+    code = "not_latest_attempt"
+
+
+class IllegalTransition(StateConflict):
+    """The state machine refuses the event in the job's current state."""
+
+    code = "illegal_transition"
+
+    def __init__(self, state: str, trigger: str) -> None:
+        super().__init__(f"{trigger} is not allowed while the job is {state}")
+        self.state = state
+        self.trigger = trigger
+
+    def extra(self) -> dict[str, Any]:
+        return {"state": self.state}

@@ -1,0 +1,44 @@
+"""Prometheus metrics, one registry per app so tests and replicas count on their own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from gateway.models import JobEvent
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.transitions = Counter(
+            "gateway_job_transitions",
+            "Job transitions recorded, by the state entered.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.callbacks = Counter(
+            "gateway_callbacks",
+            "Terminal calls on continue URLs, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.sweeper_lag = Gauge(
+            "gateway_sweeper_lag_seconds",
+            "How late the oldest deadline fired in the last sweep was.",
+            registry=self.registry,
+        )
+        self.expired = Counter(
+            "gateway_deadlines_expired",
+            "Jobs failed by the sweeper, by failure reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def record(self, events: Iterable[JobEvent]) -> None:
+        for event in events:
+            self.transitions.labels(event.state.value).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

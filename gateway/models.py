@@ -1,0 +1,256 @@
+"""Records and wire payloads: request bodies as strict msgspec Structs, jobs as frozen dataclasses.
+
+Request bodies are decoded straight into Structs (unknown fields and wrong types are refused with
+the JSON path of the culprit); `job_to_wire` is the one place a job becomes JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import msgspec
+from ulid import ULID
+
+from gateway.clock import rfc3339
+from gateway.errors import InvalidField, MalformedRequest
+from gateway.states import Deadlines, FailureReason, Kind, Lifecycle, State
+
+T = TypeVar("T")
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$"
+VARIABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+MAX_TIMEOUT_S = 366 * 86_400
+
+JobName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="1-128 characters")]
+VariableName = Annotated[str, msgspec.Meta(pattern=VARIABLE_PATTERN)]
+Seconds = Annotated[int, msgspec.Meta(ge=1, le=MAX_TIMEOUT_S)]
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+ExitCode = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+
+
+class Variable(msgspec.Struct, forbid_unknown_fields=True):
+    """A variable value that is masked in traces."""
+
+    value: str
+    masked: bool = False
+
+
+class JobSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Body of `POST /api/v1/jobs`; kept on the job as it was given."""
+
+    name: JobName
+    kind: Kind = Kind.EXTERNAL
+    script: list[str] | None = None
+    is_async: bool = msgspec.field(default=False, name="async")
+    timeout_s: Seconds | None = None
+    callback_timeout_s: Seconds | None = None
+    heartbeat_timeout_s: Seconds | None = None
+    queue_timeout_s: Seconds | None = None
+    variables: dict[VariableName, str | Variable] = msgspec.field(default_factory=dict)
+    metadata: Any = None
+    state_webhook_url: str | None = None
+    state_webhook_secret: str | None = None
+    tags: list[Tag] = msgspec.field(default_factory=list)
+    continue_on_get: bool = False
+
+    def check(self) -> None:
+        """Cross-field rules that types cannot say; raises InvalidField."""
+        if self.kind is Kind.SCRIPT and not self.script:
+            raise InvalidField("a script job needs a non-empty `script` (a list of lines)")
+        if self.kind is Kind.EXTERNAL:
+            if self.script is not None:
+                raise InvalidField("`script` is only for script jobs")
+            if self.is_async:
+                raise InvalidField("`async` is only for script jobs; an external job always waits")
+            if self.queue_timeout_s is not None:
+                raise InvalidField("`queue_timeout_s` is only for script jobs")
+        if self.state_webhook_url is not None and not self.state_webhook_url.startswith(
+            ("http://", "https://")
+        ):
+            raise InvalidField("`state_webhook_url` must be an http(s) URL")
+
+
+class ContinueBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of the terminal call on a continue URL (all fields optional)."""
+
+    status: Literal["success", "failed"] | None = None
+    exit_code: ExitCode | None = None
+    message: str | None = None
+    outputs: dict[VariableName, str] | None = None
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class ContinueCall:
+    """A validated terminal call: what to apply, and what identifies an exact repeat."""
+
+    succeeded: bool
+    exit_code: int | None
+    message: str | None
+    outputs: dict[str, str] | None
+    result_json: str | None
+    digest: bytes
+    idempotency_key: str | None
+
+    @classmethod
+    def parse(cls, raw: bytes, idempotency_key: str | None) -> ContinueCall:
+        """Decode and check a callback body; raises MalformedRequest or InvalidField."""
+        body = decode_body(raw or b"{}", ContinueBody)
+        failed = body.status == "failed" or (body.status is None and bool(body.exit_code))
+        if body.status == "success" and body.exit_code:
+            raise InvalidField("`status: success` cannot carry a non-zero `exit_code`")
+        canonical = json.dumps(msgspec.to_builtins(body), sort_keys=True, separators=(",", ":"))
+        return cls(
+            succeeded=not failed,
+            exit_code=body.exit_code,
+            message=body.message,
+            outputs=body.outputs,
+            result_json=None if body.result is None else json.dumps(body.result),
+            digest=hashlib.sha256(canonical.encode()).digest(),
+            idempotency_key=idempotency_key,
+        )
+
+
+def decode_body(raw: bytes, into: type[T]) -> T:
+    """Decode JSON into `into`: MalformedRequest (400) for bad syntax, InvalidField (422) for
+    wrong shapes, naming the JSON path of the culprit."""
+    try:
+        return msgspec.json.decode(raw, type=into)
+    except msgspec.ValidationError as exc:
+        raise InvalidField(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job attempt as stored."""
+
+    id: str
+    pipeline_id: str | None
+    name: str
+    kind: Kind
+    is_async: bool
+    state: State
+    failure_reason: FailureReason | None
+    exit_code: int | None
+    message: str | None
+    outputs: dict[str, str] | None
+    result_json: str | None
+    attempt: int
+    retry_of: str | None
+    created_at: float
+    started_at: float | None
+    parked_at: float | None
+    finished_at: float | None
+    deadlines: Deadlines
+    spec: JobSpec
+    token_nonce: bytes | None = None
+    retried: bool = False
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(
+            kind=self.kind,
+            is_async=self.is_async,
+            state=self.state,
+            deadlines=self.deadlines,
+            failure_reason=self.failure_reason,
+            timeout_s=self.spec.timeout_s,
+            callback_timeout_s=self.spec.callback_timeout_s,
+            heartbeat_timeout_s=self.spec.heartbeat_timeout_s,
+            queue_timeout_s=self.spec.queue_timeout_s,
+        )
+
+    @property
+    def deadline_at(self) -> float | None:
+        earliest = self.deadlines.earliest()
+        return None if earliest is None else earliest[0]
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One row of a job's transition history."""
+
+    id: int
+    job_id: str
+    sequence: int
+    state: State
+    previous_state: State | None
+    failure_reason: FailureReason | None
+    cause: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who an API token belongs to."""
+
+    token_id: str
+    name: str
+    scope: str
+
+
+@dataclass
+class IdGenerator:
+    """ULIDs that strictly increase even within one millisecond, timed by the injected clock."""
+
+    _last: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def new(self, now: float) -> str:
+        candidate = int(ULID.from_timestamp(now))
+        with self._lock:
+            if candidate <= self._last:
+                candidate = self._last + 1
+            self._last = candidate
+        return str(ULID.from_int(candidate))
+
+
+def job_to_wire(job: Job) -> dict[str, Any]:
+    """The job as `GET /api/v1/jobs/{id}` shows it. Never a token."""
+    return {
+        "id": job.id,
+        "pipeline_id": job.pipeline_id,
+        "name": job.name,
+        "kind": job.kind.value,
+        "async": job.is_async,
+        "state": job.state.value,
+        "failure_reason": None if job.failure_reason is None else job.failure_reason.value,
+        "exit_code": job.exit_code,
+        "message": job.message,
+        "outputs": job.outputs or {},
+        "result": None if job.result_json is None else json.loads(job.result_json),
+        "attempt": job.attempt,
+        "retry_of": job.retry_of,
+        "created_at": rfc3339(job.created_at),
+        "started_at": rfc3339(job.started_at),
+        "parked_at": rfc3339(job.parked_at),
+        "finished_at": rfc3339(job.finished_at),
+        "deadline_at": rfc3339(job.deadline_at),
+        "metadata": job.spec.metadata,
+        "tags": job.spec.tags,
+        "artifacts": [],
+    }
+
+
+def event_to_wire(event: JobEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "sequence": event.sequence,
+        "state": event.state.value,
+        "previous_state": None if event.previous_state is None else event.previous_state.value,
+        "failure_reason": None if event.failure_reason is None else event.failure_reason.value,
+        "cause": event.cause,
+        "at": rfc3339(event.at),
+    }
