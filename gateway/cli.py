@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -153,7 +154,12 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
+    # uvicorn re-raises the stop signal once it has shut down gracefully; a no-op handler lets
+    # a clean stop exit 0 instead of dying by that signal.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
+    print("gateway stopped", flush=True)
     return 0
 
 

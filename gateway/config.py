@@ -66,9 +66,7 @@ class Settings:
         raise ConfigError(f"unsupported database URL scheme: {self.db.split(':', 1)[0]}")
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from `GATEWAY_*` variables; keyword overrides (flags) win.
 
         Raises ConfigError naming the variable when a value has the wrong type.

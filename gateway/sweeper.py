@@ -7,6 +7,7 @@ passed while the server was down fires in the first sweep after start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from gateway.clock import Clock
@@ -64,7 +65,5 @@ class Sweeper:
                 log.info("sweep_conflict_retrying")
             except Exception:
                 log.exception("sweep_failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._interval_s)
-            except TimeoutError:
-                pass

@@ -62,7 +62,9 @@ class ContinueTokens:
 
     def derive(self, job_id: str, nonce: bytes) -> str:
         """The token of `job_id`'s attempt with `nonce`; the same every time."""
-        digest = hmac.new(self._key, b"gateway.continue|" + job_id.encode() + b"|" + nonce, "sha256")
+        digest = hmac.new(
+            self._key, b"gateway.continue|" + job_id.encode() + b"|" + nonce, "sha256"
+        )
         material = base64.urlsafe_b64encode(digest.digest()[:MATERIAL_BYTES]).decode()
         return self._signer.sign(material).decode()
 

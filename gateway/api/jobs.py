@@ -60,14 +60,18 @@ async def list_jobs(request: Request) -> Response:
     try:
         state = None if raw_state is None else State(raw_state)
     except ValueError:
-        raise MalformedRequest(f"`state` must be one of {', '.join(s.value for s in State)}") from None
+        raise MalformedRequest(
+            f"`state` must be one of {', '.join(s.value for s in State)}"
+        ) from None
     page = await ctx.store.list_jobs(
         state=state,
         pipeline_id=request.query_params.get("pipeline_id"),
         limit=query_limit(request),
         cursor=request.query_params.get("cursor"),
     )
-    return json({"items": [job_to_wire(job) for job in page.items], "next_cursor": page.next_cursor})
+    return json(
+        {"items": [job_to_wire(job) for job in page.items], "next_cursor": page.next_cursor}
+    )
 
 
 async def cancel_job(request: Request) -> Response:

@@ -152,7 +152,10 @@ def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 _JOB = [_path_param("job_id")]
 _TOKEN = [_path_param("token")]
-_PAGE = [_query("limit", {"type": "integer", "minimum": 1, "maximum": 500}), _query("cursor", {"type": "string"})]
+_PAGE = [
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+    _query("cursor", {"type": "string"}),
+]
 
 
 def build_openapi() -> dict[str, Any]:
@@ -164,12 +167,9 @@ def build_openapi() -> dict[str, Any]:
         (400, 404, 409, 413, 422),
         body="ContinueBody",
         auth=False,
-        params=_TOKEN
-        + [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
+        params=[*_TOKEN, {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
     )
-    touch = {
-        "post": _op("", (200, "ContinueState"), (404, 409, 413), auth=False, params=_TOKEN)
-    }
+    touch = {"post": _op("", (200, "ContinueState"), (404, 409, 413), auth=False, params=_TOKEN)}
     paths: dict[str, Any] = {
         "/api/v1/jobs": {
             "post": _op("Create a job", (201, "Job"), (400, 401, 413, 422), body="JobSpec"),
@@ -202,7 +202,10 @@ def build_openapi() -> dict[str, Any]:
         },
         "/api/v1/jobs/{job_id}/events": {
             "get": _op(
-                "The job's transition history", (200, "JobEventList"), (400, 401, 404), params=[*_JOB, *_PAGE]
+                "The job's transition history",
+                (200, "JobEventList"),
+                (400, 401, 404),
+                params=[*_JOB, *_PAGE],
             )
         },
         "/continue/{token}": {
@@ -214,13 +217,17 @@ def build_openapi() -> dict[str, Any]:
                 auth=False,
                 params=_TOKEN,
             ),
-            "head": _op("Show the job, never completes", (200, None), (404,), auth=False, params=_TOKEN),
+            "head": _op(
+                "Show the job, never completes", (200, None), (404,), auth=False, params=_TOKEN
+            ),
         },
         "/continue/{token}/start": _retitle(touch, "Mark an external job running"),
         "/continue/{token}/heartbeat": _retitle(touch, "Push the heartbeat deadline"),
         "/continue/{token}/log": _retitle(touch, "Append text to the job's trace"),
         "/healthz": {"get": _op("Liveness", (200, "Status"), (), auth=False)},
-        "/readyz": {"get": _op("Readiness (the database answers)", (200, "Status"), (503,), auth=False)},
+        "/readyz": {
+            "get": _op("Readiness (the database answers)", (200, "Status"), (503,), auth=False)
+        },
         "/metrics": {"get": _op("Prometheus metrics", (200, None), (401,), auth=False, text=True)},
         "/openapi.json": {"get": _op("This document", (200, None), (), auth=False)},
     }
@@ -239,4 +246,13 @@ def build_openapi() -> dict[str, Any]:
 
 
 def _retitle(path_item: dict[str, Any], summary: str) -> dict[str, Any]:
-    return {"post": {**path_item["post"], "summary": summary, "responses": {**path_item["post"]["responses"], "200": {**path_item["post"]["responses"]["200"], "description": summary}}}}
+    return {
+        "post": {
+            **path_item["post"],
+            "summary": summary,
+            "responses": {
+                **path_item["post"]["responses"],
+                "200": {**path_item["post"]["responses"]["200"], "description": summary},
+            },
+        }
+    }

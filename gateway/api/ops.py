@@ -10,7 +10,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api.common import context, json
-from gateway.api.openapi import build_openapi
 from gateway.errors import Unauthorized
 
 

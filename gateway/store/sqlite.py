@@ -253,7 +253,9 @@ def _insert_job(
     params = (job_id, 1, state.value, None, None, "retry" if retry_of else "created", now)
     event_id = conn.execute(_INSERT_EVENT, params).lastrowid
     assert event_id is not None
-    return Transition(job=_require_job(conn, job_id).job, events=[_event_from_params(event_id, params)])
+    return Transition(
+        job=_require_job(conn, job_id).job, events=[_event_from_params(event_id, params)]
+    )
 
 
 def _blank_lifecycle(spec: JobSpec) -> Lifecycle:
@@ -340,7 +342,7 @@ class SQLiteStore:
         if self._db is None:
             raise StoreError("the store is not open")
         db = self._db
-        result: T = await db._execute(fn, db._conn)
+        result: T = await db._execute(fn, db._conn)  # type: ignore[no-untyped-call]
         return result
 
     async def _transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -396,7 +398,8 @@ class SQLiteStore:
     async def find_api_token(self, token_hash: bytes) -> Principal | None:
         def find(conn: sqlite3.Connection) -> Principal | None:
             row = conn.execute(
-                "SELECT id, name, scope FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+                "SELECT id, name, scope FROM api_tokens"
+                " WHERE token_hash = ? AND revoked_at IS NULL",
                 (token_hash,),
             ).fetchone()
             return None if row is None else Principal(token_id=row[0], name=row[1], scope=row[2])
@@ -542,7 +545,10 @@ class SQLiteStore:
             if job.state.terminal:
                 if loaded.callback_digest is not None and (
                     call.digest == loaded.callback_digest
-                    or (call.idempotency_key is not None and call.idempotency_key == loaded.callback_key)
+                    or (
+                        call.idempotency_key is not None
+                        and call.idempotency_key == loaded.callback_key
+                    )
                 ):
                     return ContinueResult(ContinueOutcome.REPLAYED, job, [])
                 raise AlreadyFinal(job.state, job.failure_reason)
@@ -589,7 +595,9 @@ class SQLiteStore:
             change = advance(job.lifecycle, effective, now)
             events = _write_change(conn, loaded, change, f"continue:{trigger.value}", now)
             if log:
-                size = conn.execute("SELECT trace_size FROM jobs WHERE id = ?", (job.id,)).fetchone()
+                size = conn.execute(
+                    "SELECT trace_size FROM jobs WHERE id = ?", (job.id,)
+                ).fetchone()
                 conn.execute(
                     "INSERT INTO job_trace (job_id, offset, data) VALUES (?, ?, ?)",
                     (job.id, size[0], log),

@@ -1,0 +1,187 @@
+"""Fixtures shared by every tier: a manual clock, settings in a temp dir, the real app over
+httpx's ASGI transport with its lifespan running, and a real `gateway serve` process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from gateway.app import create_app
+from gateway.clock import ManualClock
+from gateway.config import Settings
+
+ADMIN_TOKEN = "gw_test-admin-token-0123456789abcdef"
+SECRET_KEY = "test-secret-key-0123456789abcdef"
+BASE_URL = "http://gateway.test"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        admin_token=ADMIN_TOKEN,
+        secret_key=SECRET_KEY,
+        public_url=BASE_URL,
+    )
+
+
+@pytest.fixture
+async def app(settings: Settings, clock: ManualClock) -> AsyncIterator[Starlette]:
+    """The real app on a real SQLite file; the sweeper is driven by hand (`sweep`)."""
+    application = create_app(settings, clock=clock, run_sweeper=False)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """An admin-authenticated client of the app."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport,
+        base_url=BASE_URL,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as http:
+        yield http
+
+
+@pytest.fixture
+async def anon(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """A client without credentials (what an external system calling a continue URL is)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+        yield http
+
+
+async def sweep(app: Starlette) -> int:
+    """Run one sweep now (at the manual clock's time); returns how many jobs it failed."""
+    count: int = await app.state.sweeper.sweep_once()
+    return count
+
+
+async def create_job(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
+    """Create a job (external by default) and return its JSON, asserting 201."""
+    body = {"name": "deploy", **fields}
+    response = await client.post("/api/v1/jobs", json=body)
+    assert response.status_code == 201, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def continue_path(job: dict[str, Any]) -> str:
+    """The path part of a job's continue URL (for clients with BASE_URL)."""
+    url: str = job["continue_url"]
+    return url.removeprefix(BASE_URL)
+
+
+@dataclass
+class ServerProcess:
+    """A real `gateway serve` subprocess."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    data_dir: Path
+    token: str
+    output: list[str]
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=10
+        )
+
+
+def start_server(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start `gateway serve` on a free loopback port and wait (with a deadline) until it
+    answers /readyz. The admin token is whatever the data dir holds (generated on first start)."""
+    full_env = {**os.environ, "GATEWAY_SECRET_KEY": SECRET_KEY, **(env or {})}
+    full_env.pop("GATEWAY_ADMIN_TOKEN", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+    )
+    assert proc.stdout is not None
+    output: list[str] = []
+    url = None
+    deadline = time.monotonic() + 20
+    while url is None:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("gateway serve exited early:\n" + "".join(output))
+        output.append(line)
+        match = re.search(r"listening on (http://\S+)", line)
+        if match:
+            url = match.group(1)
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("gateway serve did not start:\n" + "".join(output))
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)  # polling with a deadline, not synchronisation by sleep
+    else:
+        proc.kill()
+        raise RuntimeError("gateway serve never became ready")
+    token = (data_dir / "admin-token").read_text().strip()
+    return ServerProcess(proc=proc, url=url, data_dir=data_dir, token=token, output=output)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start servers on demand (same data dir by default); all are killed at the end."""
+    started: list[ServerProcess] = []
+
+    def start(
+        *extra: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+    ) -> ServerProcess:
+        server = start_server(data_dir or tmp_path / "data", *extra, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(timeout=10)
+        if server.proc.stdout:
+            server.proc.stdout.close()
