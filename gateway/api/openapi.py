@@ -167,7 +167,15 @@ def build_openapi() -> dict[str, Any]:
         (400, 404, 409, 413, 422),
         body="ContinueBody",
         auth=False,
-        params=[*_TOKEN, {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
+        params=[
+            *_TOKEN,
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+            },
+        ],
     )
     touch = {"post": _op("", (200, "ContinueState"), (404, 409, 413), auth=False, params=_TOKEN)}
     paths: dict[str, Any] = {
