@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -34,6 +35,11 @@ async def create_job(request: Request) -> Response:
     ctx, _ = await authenticated(request)
     spec = decode_body(await read_body(request, ctx.settings.max_body_bytes) or b"null", JobSpec)
     spec.check()
+    if spec.callback_timeout_s is None:
+        # Nothing waits forever: the server's default is fixed on the job when it is created.
+        spec = msgspec.structs.replace(
+            spec, callback_timeout_s=ctx.settings.default_callback_timeout_s
+        )
     now = ctx.clock.now()
     job_id = ctx.ids.new(now)
     credential = _credential_for(ctx, job_id, spec)
