@@ -67,14 +67,19 @@ _SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs"
 _SPEC = msgspec.json.Decoder(JobSpec)
 _ENCODE = msgspec.json.Encoder()
 
-_UPDATE_TRANSITION = """
+_TRANSITION_SET = """
 UPDATE jobs SET state = ?, failure_reason = COALESCE(?, failure_reason),
     started_at = COALESCE(started_at, ?), parked_at = COALESCE(?, parked_at),
     finished_at = COALESCE(?, finished_at),
     execution_deadline_at = ?, callback_deadline_at = ?, heartbeat_deadline_at = ?,
-    queue_deadline_at = ?, deadline_at = ?, event_sequence = ?
-WHERE id = ? AND state = ? AND event_sequence = ?
-"""
+    queue_deadline_at = ?, deadline_at = ?, event_sequence = ?"""
+_TRANSITION_WHERE = " WHERE id = ? AND state = ? AND event_sequence = ?"
+_UPDATE_TRANSITION = _TRANSITION_SET + _TRANSITION_WHERE
+# A terminal call writes the caller's result with the transition, in the same statement.
+_UPDATE_CALLBACK = (
+    _TRANSITION_SET + ", exit_code = ?, message = ?, outputs = ?, result = ?, callback_digest = ?,"
+    " callback_key = ?" + _TRANSITION_WHERE
+)
 _INSERT_EVENT = """
 INSERT INTO job_events (job_id, sequence, state, previous_state, failure_reason, cause, at)
 VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -181,19 +186,37 @@ def _event_from_params(event_id: int, params: tuple[Any, ...]) -> JobEvent:
 
 
 def _write_change(
-    conn: sqlite3.Connection, loaded: _Loaded, change: Change, cause: str, now: float
+    conn: sqlite3.Connection,
+    loaded: _Loaded,
+    change: Change,
+    cause: str,
+    now: float,
+    callback: ContinueCall | None = None,
 ) -> list[JobEvent]:
-    """Compare-and-set the change onto the row and record its event; StateConflict if the row
-    moved underneath (cannot happen under BEGIN IMMEDIATE, kept as the contract's guard)."""
-    cursor = conn.execute(_UPDATE_TRANSITION, _transition_params(loaded, change, now))
+    """Compare-and-set the change (and a terminal call's result) onto the row and record its
+    event; StateConflict if the row moved underneath (cannot happen under BEGIN IMMEDIATE; kept
+    as the contract's guard)."""
+    params = _transition_params(loaded, change, now)
+    if callback is None:
+        cursor = conn.execute(_UPDATE_TRANSITION, params)
+    else:
+        result = (
+            callback.exit_code,
+            callback.message,
+            None if callback.outputs is None else json.dumps(callback.outputs),
+            callback.result_json,
+            callback.digest,
+            callback.idempotency_key,
+        )
+        cursor = conn.execute(_UPDATE_CALLBACK, params[:-3] + result + params[-3:])
     if cursor.rowcount != 1:
         raise StateConflict("the job changed concurrently; try again")
     if not change.transitioned:
         return []
-    params = _event_params(loaded, change, cause, now)
-    event_id = conn.execute(_INSERT_EVENT, params).lastrowid
+    event = _event_params(loaded, change, cause, now)
+    event_id = conn.execute(_INSERT_EVENT, event).lastrowid
     assert event_id is not None
-    return [_event_from_params(event_id, params)]
+    return [_event_from_params(event_id, event)]
 
 
 def _fetch_job(conn: sqlite3.Connection, where: str, *params: Any) -> _Loaded | None:
@@ -554,20 +577,7 @@ class SQLiteStore:
                 raise AlreadyFinal(job.state, job.failure_reason)
             trigger = Trigger.CALLBACK_SUCCEEDED if call.succeeded else Trigger.CALLBACK_FAILED
             change = advance(job.lifecycle, trigger, now)
-            events = _write_change(conn, loaded, change, "callback", now)
-            conn.execute(
-                "UPDATE jobs SET exit_code = ?, message = ?, outputs = ?, result = ?,"
-                " callback_digest = ?, callback_key = ? WHERE id = ?",
-                (
-                    call.exit_code,
-                    call.message,
-                    None if call.outputs is None else json.dumps(call.outputs),
-                    call.result_json,
-                    call.digest,
-                    call.idempotency_key,
-                    job.id,
-                ),
-            )
+            events = _write_change(conn, loaded, change, "callback", now, callback=call)
             changed = _changed_job(
                 loaded,
                 change,
