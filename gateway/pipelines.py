@@ -1,0 +1,154 @@
+"""Pipelines as a DAG of named jobs: validation, stages, readiness and the derived state. Pure.
+
+A job runs once every job it `needs` succeeded; a failed, canceled or skipped need skips it.
+The pipeline's state is derived from its jobs' latest attempts (PRODUCT.md "Pipeline state").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from gateway.errors import InvalidField
+from gateway.states import Kind, State
+
+
+class PipelineState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (PipelineState.SUCCESS, PipelineState.FAILED, PipelineState.CANCELED)
+
+
+class Readiness(StrEnum):
+    READY = "ready"  # every need succeeded
+    BLOCKED = "blocked"  # a need has not finished yet
+    DOOMED = "doomed"  # a need failed, was canceled or skipped
+
+
+def check_dag(needs: Mapping[str, Sequence[str]]) -> list[str]:
+    """The job names in an order where every job comes after what it needs.
+
+    Raises InvalidField naming the culprit for an unknown need, a job needing itself, a need
+    listed twice, or a cycle (with its path).
+    """
+    for name, wanted in needs.items():
+        seen: set[str] = set()
+        for need in wanted:
+            if need == name:
+                raise InvalidField(f"job `{name}` needs itself")
+            if need not in needs:
+                raise InvalidField(f"job `{name}` needs `{need}`, which is not in the pipeline")
+            if need in seen:
+                raise InvalidField(f"job `{name}` lists `{need}` twice in `needs`")
+            seen.add(need)
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = [*path[path.index(name) :], name]
+            path_text = " -> ".join(f"`{n}`" for n in cycle)
+            raise InvalidField(f"job `{name}` is in a cycle of needs: {path_text}")
+        state[name] = 1
+        for need in needs[name]:
+            visit(need, [*path, name])
+        state[name] = 2
+        order.append(name)
+
+    for name in needs:
+        visit(name, [])
+    return order
+
+
+def stages(needs: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Each job's stage: the length of the longest `needs` path leading to it (0 for roots)."""
+    stage: dict[str, int] = {}
+    for name in check_dag(needs):
+        stage[name] = 1 + max((stage[need] for need in needs[name]), default=-1)
+    return stage
+
+
+def downstream(needs: Mapping[str, Sequence[str]], name: str) -> set[str]:
+    """Every job that needs `name`, directly or not."""
+    found: set[str] = set()
+    frontier = [name]
+    while frontier:
+        current = frontier.pop()
+        for other, wanted in needs.items():
+            if current in wanted and other not in found:
+                found.add(other)
+                frontier.append(other)
+    return found
+
+
+def readiness(need_states: Sequence[State]) -> Readiness:
+    """Whether a `created` job can become pending, given the states of what it needs."""
+    if any(s in (State.FAILED, State.CANCELED, State.SKIPPED) for s in need_states):
+        return Readiness.DOOMED
+    if all(s is State.SUCCESS for s in need_states):
+        return Readiness.READY
+    return Readiness.BLOCKED
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the pipeline's state needs to know of one job (its latest attempt)."""
+
+    name: str
+    kind: Kind
+    is_async: bool
+    state: State
+    started: bool
+    needs: tuple[str, ...] = ()
+
+    @property
+    def parked(self) -> bool:
+        """Waiting on a callback: an external job pending or running, an async job waiting."""
+        if self.kind is Kind.EXTERNAL:
+            return self.state in (State.PENDING, State.RUNNING)
+        return self.state is State.WAITING
+
+
+def derive_state(jobs: Sequence[JobStatus], *, canceled: bool) -> PipelineState:
+    """The pipeline's state; the first rule that holds wins."""
+    if canceled:
+        return PipelineState.CANCELED
+    unfinished = [job for job in jobs if not job.state.terminal]
+    if not unfinished:
+        if any(job.state is State.FAILED for job in jobs):
+            return PipelineState.FAILED
+        if any(job.state is State.CANCELED for job in jobs):
+            return PipelineState.CANCELED
+        return PipelineState.SUCCESS
+    by_name = {job.name: job for job in jobs}
+    if all(job.parked or _behind_parked(job, by_name) for job in unfinished):
+        return PipelineState.WAITING
+    if not any(job.started or job.state.terminal for job in jobs):
+        return PipelineState.PENDING
+    return PipelineState.RUNNING
+
+
+def _behind_parked(job: JobStatus, by_name: Mapping[str, JobStatus]) -> bool:
+    if job.state is not State.CREATED:
+        return False
+    frontier = list(job.needs)
+    seen: set[str] = set()
+    while frontier:
+        upstream = by_name.get(frontier.pop())
+        if upstream is None or upstream.name in seen:
+            continue
+        seen.add(upstream.name)
+        if upstream.parked:
+            return True
+        frontier.extend(upstream.needs)
+    return False
