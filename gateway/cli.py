@@ -266,12 +266,20 @@ def _continue(args: argparse.Namespace) -> int:
             body["result"] = json.loads(args.result)
         except ValueError:
             raise CommandError("--result must be JSON") from None
+    # A malformed URL is no transient error: refuse it now rather than retry it for 25 s
+    # (and never echo it: the URL holds the token).
+    try:
+        url = httpx.URL(args.url)
+    except httpx.InvalidURL:
+        url = httpx.URL()
+    if url.scheme not in ("http", "https") or not url.host:
+        raise CommandError("the continue URL must be an http:// or https:// URL")
     key = args.idempotency_key or uuid.uuid4().hex
     last_error: Exception | None = None
     with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
         for attempt in range(CONTINUE_ATTEMPTS):
             try:
-                response = client.post(args.url, json=body, headers={"Idempotency-Key": key})
+                response = client.post(url, json=body, headers={"Idempotency-Key": key})
             except httpx.TransportError as exc:
                 last_error = exc
                 time.sleep(min(2.0**attempt, 10.0))
