@@ -128,9 +128,16 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.open()
-        await store.claim_secret_fingerprint(key_fingerprint(secret_key.value))
-        await store.ensure_api_token("admin", token_hash(admin_token.value), "admin", clock.now())
+        try:
+            await store.open()
+            await store.claim_secret_fingerprint(key_fingerprint(secret_key.value))
+            await store.ensure_api_token(
+                "admin", token_hash(admin_token.value), "admin", clock.now()
+            )
+        except BaseException:
+            # A refused start must not leave the connection's thread behind (the process hangs).
+            await store.close()
+            raise
         stop = asyncio.Event()
         task = asyncio.create_task(sweeper.run(stop)) if run_sweeper else None
         try:
