@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
 
 from gateway.api import continuation, jobs, ops
 from gateway.api.common import Context
@@ -77,13 +78,28 @@ async def _gateway_error(request: Request, exc: Exception) -> Response:
     return error_response(status_of(exc), exc.code, exc.detail, **exc.extra())
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method served on the request's path; routes are split per method, and Starlette's
+    own 405 names only the first route's."""
+    methods = {
+        method
+        for route in request.app.routes
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE
+        for method in route.methods or ()
+    }
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+        headers["Allow"] = allowed
     return JSONResponse(
         {"error": code, "detail": str(exc.detail)},
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers=headers,
     )
 
 

@@ -1,0 +1,201 @@
+"""Operations routes: health, readiness, metrics, the OpenAPI document, and JSON answers for
+unknown routes and wrong methods."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from gateway.clock import ManualClock
+from gateway.config import DEFAULT_CALLBACK_TIMEOUT_S
+from tests.conftest import continue_path, create_job, sweep
+
+ERROR_REF = "#/components/schemas/Error"
+_CONVERTER = re.compile(r"\{(\w+)(?::\w+)?\}")
+
+
+def assert_error_shape(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["error"] == code
+    assert isinstance(body["detail"], str)
+
+
+def metric_value(exposition: str, sample: str) -> float:
+    """The value of one sample line (`name{labels}`) of a Prometheus exposition."""
+    for line in exposition.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    raise AssertionError(f"{sample} not in metrics:\n{exposition}")
+
+
+async def test_healthz_and_readyz_answer_200(anon: httpx.AsyncClient) -> None:
+    """/healthz and /readyz answer 200 JSON while the app and its database are up."""
+    health = await anon.get("/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok"}
+    ready = await anon.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready"}
+
+
+async def test_metrics_count_transitions_callbacks_and_sweeper_lag(
+    app: Starlette, client: httpx.AsyncClient, anon: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    """/metrics exposes job transitions by state, callbacks by outcome and the sweeper's lag,
+    with the values of what happened."""
+    finished = await create_job(client, name="finished")
+    await anon.post(continue_path(finished), json={})
+    await anon.post(continue_path(finished), json={})  # exact repeat: replayed
+    await create_job(client, name="forgotten")
+    clock.advance(DEFAULT_CALLBACK_TIMEOUT_S + 30)
+    assert await sweep(app) == 1
+
+    response = await anon.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for family in (
+        "gateway_job_transitions_total",
+        "gateway_callbacks_total",
+        "gateway_sweeper_lag_seconds",
+    ):
+        assert f"# TYPE {family.removesuffix('_total')}" in text
+    assert metric_value(text, 'gateway_job_transitions_total{state="pending"}') == 2
+    assert metric_value(text, 'gateway_job_transitions_total{state="success"}') == 1
+    assert metric_value(text, 'gateway_job_transitions_total{state="failed"}') == 1
+    assert metric_value(text, 'gateway_callbacks_total{outcome="applied"}') == 1
+    assert metric_value(text, 'gateway_callbacks_total{outcome="replayed"}') == 1
+    assert metric_value(text, "gateway_sweeper_lag_seconds") == pytest.approx(30)
+
+
+@pytest.fixture
+async def openapi(anon: httpx.AsyncClient) -> dict[str, Any]:
+    response = await anon.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    methods = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+    return [
+        (path, method, operation)
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method in methods
+    ]
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _refs(value)]
+    return []
+
+
+async def test_openapi_is_an_openapi_3_1_document(openapi: dict[str, Any]) -> None:
+    """/openapi.json is OpenAPI 3.1 with info, paths, and every $ref resolving in components."""
+    assert openapi["openapi"].startswith("3.1.")
+    assert openapi["info"]["title"]
+    assert openapi["info"]["version"]
+    assert openapi["paths"]
+    schemas = openapi["components"]["schemas"]
+    for ref in _refs(openapi):
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+    for path, method, operation in _operations(openapi):
+        assert operation["responses"], (method, path)
+        for status in operation["responses"]:
+            assert re.fullmatch(r"[1-5]\d\d", status), (method, path, status)
+        declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+        assert declared == set(re.findall(r"\{(\w+)\}", path)), (method, path)
+
+
+async def test_openapi_documents_every_route_of_the_app(
+    app: Starlette, openapi: dict[str, Any]
+) -> None:
+    """Every route the app serves appears in the document's paths with each of its methods."""
+    served = [
+        (_CONVERTER.sub(r"{\1}", route.path), method.lower())
+        for route in app.routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"
+    ]
+    assert ("/api/v1/jobs", "post") in served
+    missing = [
+        (method, path) for path, method in served if method not in openapi["paths"].get(path, {})
+    ]
+    assert missing == []
+
+
+async def test_openapi_errors_use_the_error_schema(openapi: dict[str, Any]) -> None:
+    """Every documented error response is JSON with the Error schema; every authenticated
+    operation documents its 401."""
+    error = openapi["components"]["schemas"]["Error"]
+    assert set(error["required"]) >= {"error", "detail"}
+    for path, method, operation in _operations(openapi):
+        for status, response in operation["responses"].items():
+            if int(status) >= 400:
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": ERROR_REF}, (method, path, status)
+        if operation.get("security"):
+            assert "401" in operation["responses"], (method, path)
+
+
+async def test_openapi_has_the_request_schemas(openapi: dict[str, Any]) -> None:
+    """Components carry JobSpec and ContinueBody, and the create and continue routes use them."""
+    schemas = openapi["components"]["schemas"]
+    assert "name" in schemas["JobSpec"]["properties"]
+    assert "name" in schemas["JobSpec"]["required"]
+    assert {"status", "exit_code", "outputs"} <= set(schemas["ContinueBody"]["properties"])
+    create = openapi["paths"]["/api/v1/jobs"]["post"]["requestBody"]
+    assert create["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobSpec"
+    }
+    finish = openapi["paths"]["/continue/{token}"]["post"]["requestBody"]
+    assert finish["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ContinueBody"
+    }
+
+
+@pytest.mark.parametrize("path", ["/nope", "/api/v2/jobs", "/api/v1/jobz", "/continue"])
+async def test_unknown_route_is_a_404_json_error(client: httpx.AsyncClient, path: str) -> None:
+    """A path the app does not serve -> 404 with the JSON error shape."""
+    assert_error_shape(await client.get(path), 404, "not_found")
+    assert_error_shape(await client.post(path, json={}), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/api/v1/jobs", {"GET", "POST"}),
+        ("PUT", "/api/v1/jobs", {"GET", "POST"}),
+        ("PATCH", "/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV", {"GET"}),
+        ("GET", "/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/cancel", {"POST"}),
+        ("POST", "/healthz", {"GET"}),
+        ("DELETE", "/metrics", {"GET"}),
+        ("PUT", "/continue/some-token", {"GET", "POST"}),
+    ],
+)
+async def test_wrong_method_is_a_405_json_error(
+    client: httpx.AsyncClient, method: str, path: str, allowed: set[str]
+) -> None:
+    """A known path with a method it does not serve -> 405 with the JSON error shape and an
+    Allow header naming every method the path serves (its routes are split per method)."""
+    response = await client.request(method, path)
+    assert_error_shape(response, 405, "method_not_allowed")
+    listed = {name.strip() for name in response.headers["allow"].split(",")}
+    assert allowed <= listed
+    assert method not in listed
