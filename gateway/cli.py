@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from gateway import __version__
+from gateway import __version__, runner
 from gateway.config import DEFAULT_DATA_DIR, Settings
 from gateway.errors import ConfigError, StoreError
 from gateway.keys import ADMIN_TOKEN_FILE
@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     cont.add_argument("--result", help="any JSON kept on the job")
     cont.add_argument("--idempotency-key", help="default: a fresh one, reused on retries")
     cont.set_defaults(run=_continue)
+    runner.add_commands(commands)
     return parser
 
 
