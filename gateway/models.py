@@ -7,7 +7,9 @@ the JSON path of the culprit); `job_to_wire` is the one place a job becomes JSON
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -115,15 +117,34 @@ class ContinueCall:
         )
 
 
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]")
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether arrays and objects nest deeper than MAX_JSON_DEPTH (strings skipped). Deeper
+    values would overflow the interpreter's stack when decoded or rendered back."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", raw))
+    depths = itertools.accumulate(1 if char in b"[{" else -1 for char in brackets)
+    return max(depths, default=0) > MAX_JSON_DEPTH
+
+
 def decode_body(raw: bytes, into: type[T]) -> T:
-    """Decode JSON into `into`: MalformedRequest (400) for bad syntax, InvalidField (422) for
-    wrong shapes, naming the JSON path of the culprit."""
+    """Decode JSON into `into`: MalformedRequest (400) for bad syntax or nesting deeper than
+    MAX_JSON_DEPTH, InvalidField (422) for wrong shapes, naming the JSON path of the culprit."""
+    if _too_deep(raw):
+        raise MalformedRequest(f"the body nests arrays or objects deeper than {MAX_JSON_DEPTH}")
     try:
         return msgspec.json.decode(raw, type=into)
     except msgspec.ValidationError as exc:
         raise InvalidField(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise MalformedRequest("the body is not valid UTF-8") from None
 
 
 @dataclass(frozen=True)
