@@ -7,6 +7,7 @@ test) and the result is passed to `create_app`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,8 +98,8 @@ class Settings:
             "max_body_bytes",
             "retention_days",
         ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"GATEWAY_{name.upper()} must be positive")
+            if not 0 < getattr(self, name) < math.inf:  # also refuses NaN
+                raise ConfigError(f"GATEWAY_{name.upper()} must be positive and finite")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ConfigError("GATEWAY_PUBLIC_URL must start with http:// or https://")
         self.sqlite_path  # noqa: B018 - raises on an unsupported scheme

@@ -482,7 +482,7 @@ class SQLiteStore:
         after = 0
         if cursor is not None:
             key = decode_cursor(cursor, "e:")
-            if not key.isdigit():
+            if not key.isdigit() or len(key) > 18:  # 18 digits always fit SQLite's INTEGER
                 raise MalformedRequest("`cursor` is not one this server handed out")
             after = int(key)
 
