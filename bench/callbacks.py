@@ -1,0 +1,815 @@
+"""Benchmark of the callback hot path, memory with many parked jobs, and the deadline sweep.
+
+Run: `.venv/bin/python bench/callbacks.py [--jobs N] [--clients C] [--quick] [--json PATH]`.
+Everything is measured in one run and summarised in a table at the end:
+
+1. Hot path through the real gateway: a `gateway serve` subprocess; N external jobs parked
+   through `POST /api/v1/jobs` (C concurrent clients; timed too), then one terminal callback
+   per job (`POST /continue/{token}` with a small JSON body) from C concurrent keep-alive
+   connections. Any non-200 is an error; every job must end `success`.
+2. Raw ceiling: `bench/raw_ceiling_app.py` (bare Starlette, plain sqlite3 in the endpoint) on N
+   pre-inserted rows, same uvicorn setup, same load generator, same C. Ratio = gateway / raw.
+   Both servers run side by side and the measured callbacks go in 4 alternating rounds
+   (gateway, raw, gateway, ...), so a slow spell of the shared machine hits both sides.
+3. RSS of `gateway serve` on a database holding 1M parked jobs (100k with --quick), bulk
+   inserted with sqlite3 from a template job made through the API, after a few hundred
+   callbacks on other jobs (VmRSS and VmHWM from /proc).
+4. The real store's sweep (`Sweeper.sweep_once` on `SQLiteStore`, ManualClock) over 100k jobs
+   whose deadline has passed, beside 100k that are not due.
+
+The load generator runs in its own process (asyncio + uvloop, a minimal HTTP/1.1 keep-alive
+client over raw sockets, so its CPU cost per request stays small); it only ever talks to
+127.0.0.1, and every loop is bounded in count and time. Goals come from the performance issue
+and are reported, not enforced: the exit code is non-zero only when a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SECRET_KEY = "bench-secret-key-0123456789abcdef0123456789"
+ADMIN_TOKEN = "gw_bench-admin-token-0123456789abcdef"
+JOB_BODY = {"name": "bench-deploy"}
+CALLBACK_BODY = {
+    "message": "deployed",
+    "outputs": {
+        "IMAGE_DIGEST": "sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        "ENV_URL": "https://x.y",
+    },
+}
+START_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 30.0
+LOAD_TIMEOUT_S = 600.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+GOAL_RATIO = 0.6
+GOAL_P99_MS = 30.0
+GOAL_RSS_MB = 60.0
+GOAL_SWEEP_S = 2.0
+SWEEP_JOBS = 100_000
+ROUNDS = 4
+
+
+class BenchError(Exception):
+    """A correctness check failed: the figures of this run mean nothing."""
+
+
+# --------------------------------------------------------------------------------------------
+# Load generator (runs in a child process)
+# --------------------------------------------------------------------------------------------
+
+_HEADER_END = b"\r\n\r\n"
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with at most one request in flight."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(_HEADER_END)
+        if end < 0 or self.waiter is None or self.waiter.done():
+            return
+        head = bytes(self.buffer[:end])
+        length = _CONTENT_LENGTH.search(head)
+        if length is None:
+            self.waiter.set_exception(RuntimeError("response without content-length"))
+            return
+        total = end + 4 + int(length.group(1))
+        if len(self.buffer) < total:
+            return
+        body = bytes(self.buffer[end + 4 : total])
+        del self.buffer[:total]
+        status = int(head[9:12])
+        self.waiter.set_result((status, body, _CONNECTION_CLOSE.search(head) is not None))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+
+@dataclass
+class LoadResult:
+    """What one load run observed; `statuses[i]` is 0 for a transport error or a timeout."""
+
+    wall_s: float
+    statuses: list[int]
+    latencies_s: list[float]
+    bodies: list[bytes] | None
+    client_cpu_s: float
+
+
+def build_request(
+    method: str, host: str, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    if body:
+        lines.append("Content-Type: application/json")
+    lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _drive(
+    host: str, port: int, requests: Sequence[bytes], clients: int, keep_bodies: bool
+) -> LoadResult:
+    loop = asyncio.get_running_loop()
+    count = len(requests)
+    statuses = [0] * count
+    latencies = [0.0] * count
+    bodies: list[bytes] | None = [b""] * count if keep_bodies else None
+    next_index = iter(range(count))
+    give_up_at = time.monotonic() + LOAD_TIMEOUT_S
+
+    async def connect() -> tuple[asyncio.Transport, _Connection]:
+        transport, protocol = await loop.create_connection(_Connection, host, port)
+        return transport, protocol  # type: ignore[return-value]
+
+    async def client() -> None:
+        transport, protocol = await connect()
+        try:
+            for index in next_index:
+                if time.monotonic() > give_up_at:
+                    break
+                if transport.is_closing():
+                    transport, protocol = await connect()
+                waiter: asyncio.Future[tuple[int, bytes, bool]] = loop.create_future()
+                protocol.waiter = waiter
+                started = time.perf_counter()
+                transport.write(requests[index])
+                try:
+                    status, body, closing = await asyncio.wait_for(waiter, REQUEST_TIMEOUT_S)
+                except (TimeoutError, ConnectionError, RuntimeError):
+                    latencies[index] = time.perf_counter() - started
+                    transport.close()
+                    continue
+                latencies[index] = time.perf_counter() - started
+                statuses[index] = status
+                if bodies is not None:
+                    bodies[index] = body
+                if closing:
+                    transport.close()
+        finally:
+            transport.close()
+
+    cpu_before = time.process_time()
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(min(clients, count))))
+    wall = time.perf_counter() - started
+    return LoadResult(wall, statuses, latencies, bodies, time.process_time() - cpu_before)
+
+
+def _load_in_child(
+    host: str, port: int, requests: Sequence[bytes], clients: int, keep_bodies: bool
+) -> LoadResult:
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_drive(host, port, requests, clients, keep_bodies))
+
+
+class LoadGenerator:
+    """A separate process that fires prepared requests at a server on loopback."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        )
+
+    def run(
+        self, url: str, requests: Sequence[bytes], clients: int, *, keep_bodies: bool = False
+    ) -> LoadResult:
+        parts = urlsplit(url)
+        assert parts.hostname in ("127.0.0.1", "localhost", "::1"), "loopback only"
+        assert parts.port is not None
+        future = self._pool.submit(
+            _load_in_child, parts.hostname, parts.port, list(requests), clients, keep_bodies
+        )
+        return future.result(timeout=LOAD_TIMEOUT_S + 60)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    start_s: float
+
+    @property
+    def host_header(self) -> str:
+        return urlsplit(self.url).netloc
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process (all its threads) so far."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def memory_kb(self) -> dict[str, int]:
+        found = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                found[name] = int(value.split()[0])
+        return found
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def _start(command: list[str], log_path: Path, env: dict[str, str]) -> Server:
+    """Start a server, read its `listening on URL` line and poll /readyz, both with a deadline."""
+    import httpx
+
+    started = time.perf_counter()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    url = None
+    while url is None:
+        match = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
+        if match:
+            url = match.group(1)
+        elif proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise BenchError(f"{command[1]} did not start:\n{log_path.read_text()}")
+        else:
+            time.sleep(0.02)  # polling with a deadline
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise BenchError(f"{url} never became ready:\n{log_path.read_text()}")
+        time.sleep(0.02)
+    return Server(proc, url, log_path, time.perf_counter() - started)
+
+
+def start_gateway(data_dir: Path) -> Server:
+    env = {
+        **os.environ,
+        "GATEWAY_SECRET_KEY": SECRET_KEY,
+        "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
+    command = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
+    command += ["--data-dir", str(data_dir)]
+    return _start(command, data_dir.parent / f"{data_dir.name}-serve.log", env)
+
+
+def start_raw(db_path: Path) -> Server:
+    command = [sys.executable, str(ROOT / "bench" / "raw_ceiling_app.py"), "--db", str(db_path)]
+    return _start(command, db_path.with_suffix(".log"), dict(os.environ))
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass
+class HotPath:
+    label: str
+    requests: int
+    per_s: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+    server_cpu_ms_per_req: float
+    client_cpu_share: float
+
+    @classmethod
+    def of(cls, label: str, result: LoadResult, server_cpu_s: float) -> HotPath:
+        ordered = sorted(result.latencies_s)
+        count = len(result.statuses)
+        return cls(
+            label=label,
+            requests=count,
+            per_s=count / result.wall_s,
+            p50_ms=percentile(ordered, 0.50) * 1000,
+            p99_ms=percentile(ordered, 0.99) * 1000,
+            max_ms=ordered[-1] * 1000,
+            errors=sum(1 for status in result.statuses if status != 200),
+            server_cpu_ms_per_req=server_cpu_s * 1000 / count,
+            client_cpu_share=result.client_cpu_s / result.wall_s,
+        )
+
+    def line(self) -> str:
+        return (
+            f"  {self.label}: {self.requests} callbacks, {self.per_s:,.0f}/s, p50"
+            f" {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms, max {self.max_ms:.1f} ms,"
+            f" errors {self.errors}; server CPU {self.server_cpu_ms_per_req:.3f} ms/callback,"
+            f" load generator CPU {self.client_cpu_share:.0%} of a core"
+        )
+
+
+@dataclass
+class Results:
+    jobs: int
+    clients: int
+    parked: int
+    create_per_s: float = 0.0
+    create_p99_ms: float = 0.0
+    gateway: HotPath | None = None
+    raw: HotPath | None = None
+    gateway_rss_after_load_mb: float = 0.0
+    rss_idle_mb: float = 0.0
+    rss_mb: float = 0.0
+    hwm_mb: float = 0.0
+    parked_build_s: float = 0.0
+    parked_start_s: float = 0.0
+    sweep_s: float = 0.0
+    sweep_build_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        assert self.gateway is not None and self.raw is not None
+        return self.gateway.per_s / self.raw.per_s
+
+
+def fail_if(condition: bool, message: str) -> None:
+    if condition:
+        raise BenchError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: ULID-like ids and bulk-inserted parked jobs
+# --------------------------------------------------------------------------------------------
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+
+
+def filler_ids(prefix: str, count: int) -> Iterator[str]:
+    """`count` distinct 26-character ULID-like ids: a 16-character prefix (a real ULID's
+    timestamp and 6 characters) and 10 characters counting up."""
+    assert len(prefix) == 16
+    for i in range(count):
+        yield (
+            prefix
+            + _PAIRS[(i >> 40) & 1023]
+            + _PAIRS[(i >> 30) & 1023]
+            + _PAIRS[(i >> 20) & 1023]
+            + _PAIRS[(i >> 10) & 1023]
+            + _PAIRS[i & 1023]
+        )
+
+
+def bulk_park(
+    db_path: Path, template_id: str, count: int, *, prefix: str, due_at: float | None = None
+) -> None:
+    """Insert `count` copies of the template job (a parked external job made through the API)
+    with fresh id, token nonce and token hash. With `due_at`, their callback deadline (and so
+    `deadline_at`) is set to `due_at` plus a few microseconds each, so they are all overdue."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+        template = conn.execute("SELECT * FROM jobs WHERE id = ?", (template_id,)).fetchone()
+        fail_if(template is None, f"template job {template_id} is missing")
+        at = {name: i for i, name in enumerate(columns)}
+
+        def rows() -> Iterator[list[Any]]:
+            for i, job_id in enumerate(filler_ids(prefix, count)):
+                row = list(template)
+                row[at["id"]] = job_id
+                row[at["token_nonce"]] = os.urandom(16)
+                row[at["token_hash"]] = os.urandom(32)
+                if due_at is not None:
+                    row[at["callback_deadline_at"]] = due_at + i * 1e-6
+                    row[at["deadline_at"]] = due_at + i * 1e-6
+                yield row
+
+        # A bulk load: no journal and a big page cache, then back to the gateway's WAL mode.
+        conn.execute("PRAGMA journal_mode = OFF")
+        conn.execute("PRAGMA synchronous = OFF")
+        conn.execute("PRAGMA cache_size = -512000")
+        conn.execute("BEGIN")
+        placeholders = ", ".join("?" * len(columns))
+        conn.executemany(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})", rows())
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA journal_mode = WAL")
+    finally:
+        conn.close()
+
+
+def gateway_db(data_dir: Path) -> Path:
+    return data_dir / "gateway.sqlite3"
+
+
+def make_template(data_dir: Path) -> str:
+    """Start the gateway once on a fresh data dir (it migrates), park one job through the API,
+    stop it. Returns the job's id."""
+    import httpx
+
+    with running(start_gateway(data_dir)) as server:
+        response = httpx.post(
+            f"{server.url}/api/v1/jobs",
+            json=JOB_BODY,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=10,
+        )
+        fail_if(response.status_code != 201, f"template job: {response.text}")
+        job = response.json()
+    fail_if(job["state"] != "pending", f"the template job is {job['state']}, not pending")
+    job_id: str = job["id"]
+    return job_id
+
+
+# --------------------------------------------------------------------------------------------
+# Phases
+# --------------------------------------------------------------------------------------------
+
+
+def create_jobs(
+    server: Server, loadgen: LoadGenerator, count: int, clients: int
+) -> tuple[list[str], list[str], LoadResult]:
+    """Park `count` external jobs through the API; returns their ids, continue paths and the
+    load result of the creation."""
+    body = json.dumps(JOB_BODY).encode()
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    request = build_request("POST", server.host_header, "/api/v1/jobs", body, auth)
+    result = loadgen.run(server.url, [request] * count, clients, keep_bodies=True)
+    bad = [s for s in result.statuses if s != 201]
+    fail_if(bool(bad), f"{len(bad)} job creations failed (statuses {sorted(set(bad))})")
+    assert result.bodies is not None
+    jobs = [json.loads(raw) for raw in result.bodies]
+    fail_if(any(job["state"] != "pending" for job in jobs), "a new external job is not pending")
+    return [j["id"] for j in jobs], [urlsplit(j["continue_url"]).path for j in jobs], result
+
+
+def fire_callbacks(
+    server: Server, loadgen: LoadGenerator, paths: Sequence[str], clients: int
+) -> tuple[LoadResult, float]:
+    body = json.dumps(CALLBACK_BODY).encode()
+    requests = [build_request("POST", server.host_header, path, body) for path in paths]
+    cpu_before = server.cpu_s()
+    result = loadgen.run(server.url, requests, clients, keep_bodies=True)
+    cpu = server.cpu_s() - cpu_before
+    assert result.bodies is not None
+    for status, raw in zip(result.statuses, result.bodies, strict=True):
+        if status == 200 and json.loads(raw)["state"] != "success":
+            raise BenchError(f"a callback answered 200 with {raw!r}")
+    return result, cpu
+
+
+def count_jobs_by_api(server: Server, state: str) -> set[str]:
+    """Ids of every job in `state`, read through `GET /api/v1/jobs` page by page."""
+    import httpx
+
+    found: set[str] = set()
+    cursor: str | None = None
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
+    ) as http:
+        for _ in range(100_000):
+            params = {"state": state, "limit": "500", **({"cursor": cursor} if cursor else {})}
+            page = http.get("/api/v1/jobs", params=params)
+            fail_if(page.status_code != 200, f"listing jobs: {page.text}")
+            body = page.json()
+            found.update(job["id"] for job in body["items"])
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+    return found
+
+
+def warmup_count(jobs: int) -> int:
+    return max(100, min(1000, jobs // 10))
+
+
+def chunks(items: Sequence[str], count: int) -> list[Sequence[str]]:
+    size = math.ceil(len(items) / count)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def merge(results: Sequence[LoadResult]) -> LoadResult:
+    """One result for several load runs: walls and CPU add up, samples concatenate."""
+    return LoadResult(
+        wall_s=sum(r.wall_s for r in results),
+        statuses=[s for r in results for s in r.statuses],
+        latencies_s=[lat for r in results for lat in r.latencies_s],
+        bodies=None,
+        client_cpu_s=sum(r.client_cpu_s for r in results),
+    )
+
+
+def park_on_gateway(
+    server: Server, loadgen: LoadGenerator, results: Results
+) -> tuple[list[str], list[str]]:
+    """Park warm-up + measured jobs through the API; the creation rate is a figure too."""
+    ids, paths, created = create_jobs(
+        server, loadgen, warmup_count(results.jobs) + results.jobs, results.clients
+    )
+    results.create_per_s = len(ids) / created.wall_s
+    results.create_p99_ms = percentile(sorted(created.latencies_s), 0.99) * 1000
+    print(
+        f"  parked {len(ids)} jobs through POST /api/v1/jobs in {created.wall_s:.2f} s:"
+        f" {results.create_per_s:,.0f} jobs/s, p99 {results.create_p99_ms:.1f} ms"
+    )
+    return ids, paths
+
+
+def park_on_raw(db_path: Path, results: Results) -> list[str]:
+    """A raw-ceiling database with warm-up + measured parked rows; returns their paths."""
+    import raw_ceiling_app
+
+    count = warmup_count(results.jobs) + results.jobs
+    tokens = [secrets.token_urlsafe(32) for _ in range(count)]
+    ids = filler_ids("01KB0000000RAW00", count)
+    raw_ceiling_app.create_db(db_path, zip(ids, tokens, strict=True), time.time() + 86_400)
+    return [f"/continue/{token}" for token in tokens]
+
+
+def bench_hot_path(work: Path, loadgen: LoadGenerator, results: Results) -> None:
+    """Phases 1 and 2. Both servers run side by side (the idle one costs nothing) and the
+    measured callbacks are fired in alternating rounds, gateway then raw, so a slow spell of
+    this shared machine hits both sides instead of skewing the ratio."""
+    jobs, clients, rounds = results.jobs, results.clients, ROUNDS
+    warm = warmup_count(jobs)
+    print(f"[1+2] hot path: {warm} warm-up + {jobs} measured callbacks on the gateway and on")
+    print(f"  the raw ceiling app, {clients} clients, in {rounds} alternating rounds ...")
+    raw_db = work / "raw.sqlite3"
+    with contextlib.ExitStack() as stack:
+        gateway = stack.enter_context(running(start_gateway(work / "hot")))
+        ids, gateway_paths = park_on_gateway(gateway, loadgen, results)
+        raw_paths = park_on_raw(raw_db, results)
+        raw = stack.enter_context(running(start_raw(raw_db)))
+        sides = [(gateway, gateway_paths), (raw, raw_paths)]
+        for server, paths in sides:
+            fire_callbacks(server, loadgen, paths[:warm], clients)
+        measured: list[list[LoadResult]] = [[], []]
+        cpu = [0.0, 0.0]
+        for round_paths in zip(*(chunks(paths[warm:], rounds) for _, paths in sides), strict=True):
+            for side, (server, _) in enumerate(sides):
+                result, used = fire_callbacks(server, loadgen, round_paths[side], clients)
+                measured[side].append(result)
+                cpu[side] += used
+        results.gateway = HotPath.of("gateway", merge(measured[0]), cpu[0])
+        results.raw = HotPath.of("raw", merge(measured[1]), cpu[1])
+        print(results.gateway.line())
+        print(results.raw.line())
+        print(f"  ratio gateway/raw = {results.ratio:.2f}")
+        results.gateway_rss_after_load_mb = gateway.memory_kb()["VmRSS"] / 1024
+        print(f"  gateway VmRSS after the run: {results.gateway_rss_after_load_mb:.1f} MB")
+        done = count_jobs_by_api(gateway, "success")
+        pending = count_jobs_by_api(gateway, "pending")
+    fail_if(results.gateway.errors != 0, f"{results.gateway.errors} callbacks were not 200")
+    fail_if(done != set(ids), f"{len(set(ids) - done)} jobs did not end success")
+    fail_if(bool(pending), f"{len(pending)} jobs are still pending")
+    print(f"  checked through the API: all {len(done)} gateway jobs are success, none pending")
+    conn = sqlite3.connect(raw_db)
+    try:
+        raw_done = conn.execute("SELECT count(*) FROM jobs WHERE state = 'success'").fetchone()[0]
+        events = conn.execute("SELECT count(*) FROM job_events").fetchone()[0]
+    finally:
+        conn.close()
+    fail_if(results.raw.errors != 0, f"{results.raw.errors} raw callbacks were not 200")
+    expected = warm + jobs
+    fail_if(raw_done != expected or events != expected, f"raw: {raw_done} success, {events} events")
+
+
+def bench_memory(work: Path, loadgen: LoadGenerator, results: Results) -> None:
+    parked, clients = results.parked, results.clients
+    print(f"[3] RSS with {parked:,} parked jobs ...")
+    data_dir = work / "parked"
+    template_id = make_template(data_dir)
+    started = time.perf_counter()
+    bulk_park(gateway_db(data_dir), template_id, parked, prefix=template_id[:10] + "PARK00")
+    results.parked_build_s = time.perf_counter() - started
+    size_mb = gateway_db(data_dir).stat().st_size / 1e6
+    took = results.parked_build_s
+    print(f"  bulk-inserted {parked:,} parked jobs in {took:.1f} s ({size_mb:.0f} MB)")
+    with running(start_gateway(data_dir)) as server:
+        results.parked_start_s = server.start_s
+        results.rss_idle_mb = server.memory_kb()["VmRSS"] / 1024
+        _, paths, _ = create_jobs(server, loadgen, 300, clients)
+        result, _ = fire_callbacks(server, loadgen, paths, clients)
+        fail_if(any(s != 200 for s in result.statuses), "a callback failed with many parked jobs")
+        memory = server.memory_kb()
+    results.rss_mb = memory["VmRSS"] / 1024
+    results.hwm_mb = memory["VmHWM"] / 1024
+    print(
+        f"  gateway serve ready in {results.parked_start_s:.1f} s; VmRSS idle"
+        f" {results.rss_idle_mb:.1f} MB; after 300 jobs + 300 callbacks VmRSS"
+        f" {results.rss_mb:.1f} MB, VmHWM {results.hwm_mb:.1f} MB"
+    )
+
+
+def bench_sweep(work: Path, results: Results) -> None:
+    print(f"[4] sweep of {SWEEP_JOBS:,} expired deadlines (beside {SWEEP_JOBS:,} not due) ...")
+    data_dir = work / "sweep"
+    template_id = make_template(data_dir)
+    db_path = gateway_db(data_dir)
+    now = time.time()
+    started = time.perf_counter()
+    bulk_park(
+        db_path, template_id, SWEEP_JOBS, prefix=template_id[:10] + "DEAD00", due_at=now - 3600
+    )
+    bulk_park(db_path, template_id, SWEEP_JOBS, prefix=template_id[:10] + "NEXT00")
+    results.sweep_build_s = time.perf_counter() - started
+    expired, results.sweep_s = asyncio.run(_sweep(db_path, now))
+    conn = sqlite3.connect(db_path)
+    try:
+        failed = conn.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'failed'"
+            " AND failure_reason = 'callback_timeout' AND deadline_at IS NULL"
+        ).fetchone()[0]
+        events = conn.execute(
+            "SELECT count(*) FROM job_events WHERE state = 'failed'"
+            " AND failure_reason = 'callback_timeout' AND cause = 'deadline'"
+        ).fetchone()[0]
+        pending = conn.execute("SELECT count(*) FROM jobs WHERE state = 'pending'").fetchone()[0]
+    finally:
+        conn.close()
+    fail_if(expired != SWEEP_JOBS, f"sweep_once reported {expired}, expected {SWEEP_JOBS}")
+    fail_if(failed != SWEEP_JOBS, f"{failed} jobs failed with callback_timeout")
+    fail_if(events != SWEEP_JOBS, f"{events} callback_timeout events were written")
+    fail_if(pending != SWEEP_JOBS + 1, f"{pending} not-due jobs are still pending")
+    print(
+        f"  sweep_once failed {expired:,} jobs (callback_timeout) and wrote {events:,} events in"
+        f" {results.sweep_s:.2f} s; {pending:,} not-due jobs untouched"
+    )
+
+
+async def _sweep(db_path: Path, now: float) -> tuple[int, float]:
+    from gateway.clock import ManualClock
+    from gateway.metrics import Metrics
+    from gateway.store.sqlite import SQLiteStore
+    from gateway.sweeper import Sweeper
+
+    store = SQLiteStore(db_path)
+    await store.open()
+    try:
+        sweeper = Sweeper(store, ManualClock(now), Metrics(), interval_s=1.0)
+        started = time.perf_counter()
+        expired = await sweeper.sweep_once()
+        return expired, time.perf_counter() - started
+    finally:
+        await store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def summary(results: Results) -> list[tuple[str, str, str, str]]:
+    """The table's rows: figure, value, goal, met?"""
+    gateway, raw = results.gateway, results.raw
+    assert gateway is not None and raw is not None
+    c, parked = results.clients, f"{results.parked:,}"
+    rows: list[tuple[str, str, str, str]] = []
+
+    def info(figure: str, value: str) -> None:
+        rows.append((figure, value, "-", "-"))
+
+    def goal(figure: str, value: str, target: str, met: bool) -> None:
+        rows.append((figure, value, target, "yes" if met else "NO"))
+
+    info("job creation via API (jobs/s)", f"{results.create_per_s:,.0f}")
+    info(f"gateway callbacks/s ({c} clients)", f"{gateway.per_s:,.0f}")
+    info(f"raw ceiling callbacks/s ({c} clients)", f"{raw.per_s:,.0f}")
+    goal(
+        "ratio gateway/raw", f"{results.ratio:.2f}", f">= {GOAL_RATIO}", results.ratio >= GOAL_RATIO
+    )
+    info("gateway p50 latency", f"{gateway.p50_ms:.1f} ms")
+    p99 = gateway.p99_ms
+    goal(
+        f"gateway p99 latency ({c} clients)",
+        f"{p99:.1f} ms",
+        f"<= {GOAL_P99_MS:.0f} ms",
+        p99 <= GOAL_P99_MS,
+    )
+    info("gateway max latency", f"{gateway.max_ms:.1f} ms")
+    info("raw p50 / p99 latency", f"{raw.p50_ms:.1f} / {raw.p99_ms:.1f} ms")
+    goal("callback errors (non-200)", str(gateway.errors), "0", gateway.errors == 0)
+    cpu = f"{gateway.server_cpu_ms_per_req:.3f} / {raw.server_cpu_ms_per_req:.3f} ms"
+    info("server CPU per callback gateway / raw", cpu)
+    rss, hwm, rss_goal = results.rss_mb, results.hwm_mb, f"<= {GOAL_RSS_MB:.0f} MB"
+    goal(f"VmRSS with {parked} parked", f"{rss:.1f} MB", rss_goal, rss <= GOAL_RSS_MB)
+    goal(f"VmHWM with {parked} parked", f"{hwm:.1f} MB", rss_goal, hwm <= GOAL_RSS_MB)
+    sweep = results.sweep_s
+    target = f"<= {GOAL_SWEEP_S:.0f} s"
+    goal(f"sweep {SWEEP_JOBS:,} expired deadlines", f"{sweep:.2f} s", target, sweep <= GOAL_SWEEP_S)
+    return rows
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    header = ("figure", "value", "goal", "met?")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    print()
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, help="callbacks measured (default 20000; quick 2000)")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent connections (50)")
+    parser.add_argument("--parked", type=int, help="parked jobs for RSS (1M; quick 100k)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    results = Results(
+        jobs=args.jobs or (2_000 if args.quick else 20_000),
+        clients=args.clients,
+        parked=args.parked or (100_000 if args.quick else 1_000_000),
+    )
+    sys.path.insert(0, str(ROOT / "bench"))
+    print(
+        f"bench/callbacks.py: {results.jobs} callbacks, {results.clients} clients,"
+        f" {results.parked:,} parked; {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
+    started = time.perf_counter()
+    loadgen = LoadGenerator()
+    try:
+        with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+            work = Path(tmp)
+            bench_hot_path(work, loadgen, results)
+            bench_memory(work, loadgen, results)
+            bench_sweep(work, results)
+    except BenchError as exc:
+        print(f"bench/callbacks.py: CHECK FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loadgen.close()
+    rows = summary(results)
+    print_table(rows)
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    if args.json:
+        record = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **asdict(results)}
+        record["ratio"] = results.ratio
+        args.json.write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
