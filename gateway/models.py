@@ -41,10 +41,9 @@ class Variable(msgspec.Struct, forbid_unknown_fields=True):
     masked: bool = False
 
 
-class JobSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    """Body of `POST /api/v1/jobs`; kept on the job as it was given."""
+class JobFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """What describes a job, in `POST /api/v1/jobs` and in each job of a pipeline."""
 
-    name: JobName
     kind: Kind = Kind.EXTERNAL
     script: list[str] | None = None
     is_async: bool = msgspec.field(default=False, name="async")
@@ -74,6 +73,42 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_def
             ("http://", "https://")
         ):
             raise InvalidField("`state_webhook_url` must be an http(s) URL")
+
+
+class JobSpec(JobFields, kw_only=True):
+    """Body of `POST /api/v1/jobs`; kept on every job (pipeline jobs too) as it was given."""
+
+    name: JobName
+
+
+class PipelineJobSpec(JobFields, kw_only=True):
+    """One job of `POST /api/v1/pipelines`: named by its key; `kind` defaults to `script`."""
+
+    kind: Kind = Kind.SCRIPT
+    needs: list[JobName] = msgspec.field(default_factory=list)
+
+    def job_spec(self, name: str) -> JobSpec:
+        fields = msgspec.structs.asdict(self)
+        del fields["needs"]
+        return JobSpec(name=name, **fields)
+
+
+class PipelineSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Body of `POST /api/v1/pipelines`."""
+
+    name: JobName
+    jobs: dict[JobName, PipelineJobSpec]
+    variables: dict[VariableName, str | Variable] = msgspec.field(default_factory=dict)
+    state_webhook_url: str | None = None
+    state_webhook_secret: str | None = None
+
+
+class RunnerSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `POST /api/v1/runners`."""
+
+    description: Annotated[str, msgspec.Meta(max_length=255)] = ""
+    tags: list[Tag] = msgspec.field(default_factory=list)
+    run_untagged: bool = True
 
 
 class ContinueBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 
+from gateway.config import DEFAULT_CONFIRM_TIMEOUT_S, DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S
 from gateway.errors import AlreadyFinal, IllegalTransition, NotReady
 
 
@@ -65,6 +66,8 @@ class Trigger(StrEnum):
     CALLBACK_SUCCEEDED = "callback_succeeded"
     CALLBACK_FAILED = "callback_failed"
     HEARTBEAT = "heartbeat"
+    HAND_OUT = "hand_out"
+    RUNNER_PING = "runner_ping"
     CANCEL = "cancel"
     DEADLINE = "deadline"
 
@@ -73,7 +76,8 @@ _NON_TERMINAL = (State.CREATED, State.PENDING, State.RUNNING, State.WAITING)
 _E, _S, _A = Flavor.EXTERNAL, Flavor.SCRIPT, Flavor.ASYNC_SCRIPT
 
 # (flavor, state, trigger) -> state after. Anything absent is illegal. A trigger that leaves the
-# state as it is (heartbeat, a second start) still refreshes the heartbeat deadline.
+# state as it is moves a deadline: heartbeat and a second start push the continue URL's
+# heartbeat, a hand-out starts the confirmation clock, a runner ping pushes the runner's.
 TRANSITIONS: dict[tuple[Flavor, State, Trigger], State] = {
     **{(f, State.CREATED, Trigger.NEEDS_MET): State.PENDING for f in Flavor},
     **{(f, State.CREATED, Trigger.NEEDS_FAILED): State.SKIPPED for f in Flavor},
@@ -88,7 +92,9 @@ TRANSITIONS: dict[tuple[Flavor, State, Trigger], State] = {
     (_E, State.RUNNING, Trigger.CALLBACK_SUCCEEDED): State.SUCCESS,
     (_E, State.PENDING, Trigger.CALLBACK_FAILED): State.FAILED,
     (_E, State.RUNNING, Trigger.CALLBACK_FAILED): State.FAILED,
-    # script: a runner confirms and reports the exit
+    # script: handed out, then confirmed by a runner, which pings and reports the exit
+    **{(f, State.PENDING, Trigger.HAND_OUT): State.PENDING for f in (_S, _A)},
+    **{(f, State.RUNNING, Trigger.RUNNER_PING): State.RUNNING for f in (_S, _A)},
     (_S, State.PENDING, Trigger.CONFIRM): State.RUNNING,
     (_S, State.RUNNING, Trigger.SCRIPT_SUCCEEDED): State.SUCCESS,
     (_S, State.RUNNING, Trigger.SCRIPT_FAILED): State.FAILED,
@@ -105,6 +111,14 @@ _FIXED_REASON = {
     Trigger.SCRIPT_FAILED: FailureReason.SCRIPT_FAILURE,
     Trigger.CALLBACK_FAILED: FailureReason.CALLBACK_FAILURE,
 }
+# What a runner may say of a failed script (its own timeout kill, its own shutdown).
+RUNNER_REPORTABLE_REASONS = frozenset(
+    {
+        FailureReason.SCRIPT_FAILURE,
+        FailureReason.JOB_EXECUTION_TIMEOUT,
+        FailureReason.RUNNER_SYSTEM_FAILURE,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -117,11 +131,14 @@ class Deadlines:
     execution: float | None = None
     callback: float | None = None
     heartbeat: float | None = None
+    runner: float | None = None
     queue: float | None = None
+    confirm: float | None = None
 
-    def earliest(self) -> tuple[float, FailureReason] | None:
-        """The deadline that fires first, with the failure reason it gives."""
-        best: tuple[float, FailureReason] | None = None
+    def earliest(self) -> tuple[float, FailureReason | None] | None:
+        """The deadline that fires first, with the failure reason it gives (None for the
+        confirmation deadline of a hand-out, which puts the job back in the queue)."""
+        best: tuple[float, FailureReason | None] | None = None
         for field in dataclasses.fields(self):
             at = getattr(self, field.name)
             if at is not None and (best is None or at < best[0]):
@@ -129,11 +146,13 @@ class Deadlines:
         return best
 
 
-_DEADLINE_REASON = {
+_DEADLINE_REASON: dict[str, FailureReason | None] = {
     "execution": FailureReason.JOB_EXECUTION_TIMEOUT,
     "callback": FailureReason.CALLBACK_TIMEOUT,
     "heartbeat": FailureReason.HEARTBEAT_TIMEOUT,
+    "runner": FailureReason.RUNNER_SYSTEM_FAILURE,
     "queue": FailureReason.QUEUE_TIMEOUT,
+    "confirm": None,
 }
 
 
@@ -150,6 +169,8 @@ class Lifecycle:
     callback_timeout_s: int | None = None
     heartbeat_timeout_s: int | None = None
     queue_timeout_s: int | None = None
+    confirm_timeout_s: int = DEFAULT_CONFIRM_TIMEOUT_S
+    runner_timeout_s: int = DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S
 
     @property
     def flavor(self) -> Flavor:
@@ -161,6 +182,15 @@ class Lifecycle:
     def continue_url_live(self) -> bool:
         """Whether a terminal call on the continue URL can finish the job now."""
         return (self.flavor, self.state, Trigger.CALLBACK_SUCCEEDED) in TRANSITIONS
+
+    @property
+    def takes_early_callback(self) -> bool:
+        """An async script job not yet parked: a terminal call is kept and applied on exit 0."""
+        return self.flavor is Flavor.ASYNC_SCRIPT and self.state in (State.PENDING, State.RUNNING)
+
+    @property
+    def handed_out(self) -> bool:
+        return self.state is State.PENDING and self.deadlines.confirm is not None
 
 
 @dataclass(frozen=True)
@@ -174,6 +204,7 @@ class Change:
     sets_started_at: bool = False
     sets_parked_at: bool = False
     sets_finished_at: bool = False
+    requeued: bool = False
 
     @property
     def transitioned(self) -> bool:
@@ -191,37 +222,52 @@ def entry_deadlines(job: Lifecycle, now: float) -> Deadlines:
     return _deadlines_on_entry(job, job.state, Deadlines(), now)
 
 
-def advance(job: Lifecycle, trigger: Trigger, now: float) -> Change:
+def advance(
+    job: Lifecycle, trigger: Trigger, now: float, *, reason: FailureReason | None = None
+) -> Change:
     """Apply `trigger` to `job` at `now`.
 
     A DEADLINE trigger needs a deadline due by `now`; the earliest due one names the failure
-    reason. Raises AlreadyFinal on a terminal job, NotReady for a continue call before the job's
-    needs are met, IllegalTransition otherwise.
+    reason, or puts a hand-out nobody confirmed back in the queue. `reason` may name why a
+    script failed (one of RUNNER_REPORTABLE_REASONS; SCRIPT_FAILED only). Raises AlreadyFinal on
+    a terminal job, NotReady for a continue call before the job's needs are met,
+    IllegalTransition otherwise.
     """
     if job.state.terminal:
         raise AlreadyFinal(job.state, job.failure_reason)
     target = TRANSITIONS.get((job.flavor, job.state, trigger))
-    if target is None:
+    if target is None or (trigger is Trigger.HAND_OUT and job.handed_out):
         if job.state is State.CREATED and trigger in _CONTINUE_TRIGGERS:
             raise NotReady(job.state)
         raise IllegalTransition(job.state, trigger)
-    reason = _FIXED_REASON.get(trigger)
+    failure = _FIXED_REASON.get(trigger)
+    if trigger is Trigger.SCRIPT_FAILED and reason is not None:
+        if reason not in RUNNER_REPORTABLE_REASONS:
+            raise IllegalTransition(job.state, f"{trigger} with {reason}")
+        failure = reason
     if trigger is Trigger.DEADLINE:
         due = job.deadlines.earliest()
         if due is None or due[0] > now:
             raise IllegalTransition(job.state, trigger)
-        reason = due[1]
+        if due[1] is None:
+            return Change(
+                previous_state=job.state,
+                state=job.state,
+                deadlines=dataclasses.replace(job.deadlines, confirm=None),
+                requeued=True,
+            )
+        failure = due[1]
     if target is job.state:
-        deadlines = _refresh_heartbeat(job, now)
+        deadlines = _same_state_deadlines(job, trigger, now)
     else:
         deadlines = _deadlines_on_entry(job, target, job.deadlines, now)
     return Change(
         previous_state=job.state,
         state=target,
         deadlines=deadlines,
-        failure_reason=reason,
+        failure_reason=failure,
         sets_started_at=target is State.RUNNING and job.state is not State.RUNNING,
-        sets_parked_at=target is State.WAITING,
+        sets_parked_at=target is State.WAITING and job.state is not State.WAITING,
         sets_finished_at=target.terminal,
     )
 
@@ -235,7 +281,12 @@ def _after(now: float, seconds: int | None) -> float | None:
     return None if seconds is None else now + seconds
 
 
-def _refresh_heartbeat(job: Lifecycle, now: float) -> Deadlines:
+def _same_state_deadlines(job: Lifecycle, trigger: Trigger, now: float) -> Deadlines:
+    """A trigger that keeps the state moves one clock."""
+    if trigger is Trigger.HAND_OUT:
+        return dataclasses.replace(job.deadlines, confirm=now + job.confirm_timeout_s)
+    if trigger is Trigger.RUNNER_PING:
+        return dataclasses.replace(job.deadlines, runner=now + job.runner_timeout_s)
     if job.deadlines.heartbeat is None:
         return job.deadlines
     return dataclasses.replace(job.deadlines, heartbeat=_after(now, job.heartbeat_timeout_s))
@@ -260,7 +311,7 @@ def _deadlines_on_entry(job: Lifecycle, target: State, old: Deadlines, now: floa
                 execution=_after(now, job.timeout_s),
                 heartbeat=_after(now, job.heartbeat_timeout_s),
             )
-        return Deadlines(execution=_after(now, job.timeout_s))
+        return Deadlines(execution=_after(now, job.timeout_s), runner=now + job.runner_timeout_s)
     # WAITING: the script exited 0; the callback clocks start now.
     return Deadlines(
         callback=_after(now, job.callback_timeout_s),

@@ -353,7 +353,12 @@ class SQLiteStore:
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self._path, isolation_level=None)
-        await self._run(_configure_and_migrate)
+        try:
+            await self._run(_configure_and_migrate)
+        except BaseException:
+            # A refused open must not leave aiosqlite's (non-daemon) thread behind.
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._db is not None:
