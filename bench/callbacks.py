@@ -770,6 +770,21 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+def describe_checkout() -> str:
+    """The commit measured, and whether the work tree differs from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "(not a git checkout)"
+    return commit
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, help="callbacks measured (default 20000; quick 2000)")
@@ -786,7 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     print(
         f"bench/callbacks.py: {results.jobs} callbacks, {results.clients} clients,"
-        f" {results.parked:,} parked; {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M %Z')}"
+        f" {results.parked:,} parked; {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M %Z')};"
+        f" code {describe_checkout()}"
     )
     started = time.perf_counter()
     loadgen = LoadGenerator()
