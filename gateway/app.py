@@ -32,6 +32,7 @@ from gateway.errors import (
     NotLatestAttempt,
     NotReady,
     PayloadTooLarge,
+    RangeNotSatisfiable,
     StateConflict,
     Unauthorized,
 )
@@ -56,6 +57,7 @@ STATUS_BY_ERROR: list[tuple[type[GatewayError], int]] = [
     (IllegalTransition, 409),
     (StateConflict, 409),
     (PayloadTooLarge, 413),
+    (RangeNotSatisfiable, 416),
     (InvalidField, 422),
 ]
 
@@ -75,7 +77,9 @@ def error_response(status: int, code: str, detail: str, **extra: object) -> JSON
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return error_response(status_of(exc), exc.code, exc.detail, **exc.extra())
+    response = error_response(status_of(exc), exc.code, exc.detail, **exc.extra())
+    response.headers.update(exc.headers())
+    return response
 
 
 def _allowed_methods(request: Request) -> str:
@@ -140,7 +144,9 @@ def create_app(
         metrics=metrics,
         auth=Authenticator(store, clock),
     )
-    sweeper = Sweeper(store, clock, metrics, interval_s=settings.sweep_interval_s)
+    sweeper = Sweeper(
+        store, clock, metrics, interval_s=settings.sweep_interval_s, publish=ctx.publish
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

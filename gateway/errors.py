@@ -9,6 +9,7 @@
     │   ├── NotFound               404 not_found
     │   ├── InvalidField           422 invalid
     │   ├── PayloadTooLarge        413 too_large
+    │   ├── RangeNotSatisfiable    416 range_not_satisfiable (carries the trace size)
     │   └── StateConflict          409 (a code per cause)
     │       ├── AlreadyFinal           409 already_final (job is terminal)
     │       ├── NotReady               409 not_ready (job's needs not met yet)
@@ -31,10 +32,15 @@ class GatewayError(Exception):
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail)
         self.detail = detail
+        self.added_headers: dict[str, str] = {}
 
     def extra(self) -> dict[str, Any]:
         """Fields added to the JSON error body beside `error` and `detail`."""
         return {}
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries (a route may add some, such as `Job-Status`)."""
+        return dict(self.added_headers)
 
 
 class ConfigError(GatewayError):
@@ -71,6 +77,22 @@ class InvalidField(RequestError):
 
 class PayloadTooLarge(RequestError):
     code = "too_large"
+
+
+class RangeNotSatisfiable(RequestError):
+    """A trace append that does not start where the stored trace ends."""
+
+    code = "range_not_satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"the trace holds {size} bytes; send from offset {size}")
+        self.size = size
+
+    def extra(self) -> dict[str, Any]:
+        return {"size": self.size}
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Range": f"0-{self.size}"}
 
 
 class StateConflict(RequestError):

@@ -19,6 +19,7 @@ from ulid import ULID
 
 from gateway.clock import rfc3339
 from gateway.errors import InvalidField, MalformedRequest
+from gateway.pipelines import PipelineState
 from gateway.states import Deadlines, FailureReason, Kind, Lifecycle, State
 
 T = TypeVar("T")
@@ -207,6 +208,8 @@ class Job:
     spec: JobSpec
     token_nonce: bytes | None = None
     retried: bool = False
+    needs: tuple[str, ...] = ()
+    runner_id: str | None = None
 
     @property
     def lifecycle(self) -> Lifecycle:
@@ -257,6 +260,67 @@ class Principal:
     scope: str
 
 
+@dataclass(frozen=True)
+class Runner:
+    """A registered runner (its token is stored as a hash only)."""
+
+    id: str
+    description: str
+    tags: tuple[str, ...]
+    run_untagged: bool
+    created_at: float
+    last_seen_at: float | None
+    running_job_ids: tuple[str, ...] = ()
+
+    def can_run(self, job_tags: list[str]) -> bool:
+        """A job's tags must all be the runner's; untagged jobs need `run_untagged`."""
+        if not job_tags:
+            return self.run_untagged
+        return set(job_tags) <= set(self.tags)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One pipeline; its state is derived from its jobs' latest attempts and stored."""
+
+    id: str
+    name: str
+    state: PipelineState
+    spec: PipelineSpec
+    canceled: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class PipelineView:
+    """A pipeline with the latest attempt of each of its jobs, in definition order."""
+
+    pipeline: Pipeline
+    jobs: list[Job]
+
+
+@dataclass(frozen=True)
+class PipelineEvent:
+    id: int
+    pipeline_id: str
+    sequence: int
+    state: PipelineState
+    previous_state: PipelineState | None
+    at: float
+
+
+@dataclass(frozen=True)
+class HandOut:
+    """A script job handed to a runner, with what its variables are built from."""
+
+    job: Job
+    continue_token: str | None
+    pipeline_variables: dict[str, str | Variable]
+    needs_outputs: list[dict[str, str]]
+
+
 @dataclass
 class IdGenerator:
     """ULIDs that strictly increase even within one millisecond, timed by the injected clock."""
@@ -296,6 +360,8 @@ def job_to_wire(job: Job) -> dict[str, Any]:
         "deadline_at": rfc3339(job.deadline_at),
         "metadata": job.spec.metadata,
         "tags": job.spec.tags,
+        "needs": list(job.needs),
+        "runner_id": job.runner_id,
         "artifacts": [],
     }
 
@@ -310,3 +376,33 @@ def event_to_wire(event: JobEvent) -> dict[str, Any]:
         "cause": event.cause,
         "at": rfc3339(event.at),
     }
+
+
+def runner_to_wire(runner: Runner) -> dict[str, Any]:
+    return {
+        "id": runner.id,
+        "description": runner.description,
+        "tags": list(runner.tags),
+        "run_untagged": runner.run_untagged,
+        "created_at": rfc3339(runner.created_at),
+        "last_seen_at": rfc3339(runner.last_seen_at),
+        "running_job_ids": list(runner.running_job_ids),
+    }
+
+
+def pipeline_to_wire(pipeline: Pipeline, jobs: list[Job] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": pipeline.id,
+        "name": pipeline.name,
+        "state": pipeline.state.value,
+        "created_at": rfc3339(pipeline.created_at),
+        "started_at": rfc3339(pipeline.started_at),
+        "finished_at": rfc3339(pipeline.finished_at),
+        "variables": {
+            k: v if isinstance(v, str) else ("[MASKED]" if v.masked else v.value)
+            for k, v in pipeline.spec.variables.items()
+        },
+    }
+    if jobs is not None:
+        body["jobs"] = [job_to_wire(job) for job in jobs]
+    return body

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from gateway.clock import Clock
 from gateway.config import SWEEP_BATCH_SIZE
 from gateway.errors import StateConflict
 from gateway.metrics import Metrics
-from gateway.store.base import Store
+from gateway.store.base import Changes, Store
 
 log = logging.getLogger("gateway.sweeper")
 
@@ -28,15 +29,18 @@ class Sweeper:
         *,
         interval_s: float,
         batch_size: int = SWEEP_BATCH_SIZE,
+        publish: Callable[[Changes], None] | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self._metrics = metrics
+        self._publish = publish or (lambda changes: metrics.record(changes.events))
         self._interval_s = interval_s
         self._batch_size = batch_size
 
     async def sweep_once(self) -> int:
-        """Fail every job due now; return how many. Each batch is its own short transaction."""
+        """Fire every deadline due now (fail the job, or requeue an unconfirmed hand-out);
+        return how many. Each batch is its own short transaction."""
         expired = 0
         lag = 0.0
         while True:
@@ -44,12 +48,12 @@ class Sweeper:
             sweep = await self._store.expire_overdue(now, self._batch_size)
             if sweep.oldest_deadline_at is not None and expired == 0:
                 lag = max(0.0, now - sweep.oldest_deadline_at)
-            self._metrics.record(sweep.events)
+            self._publish(sweep.changes)
             for event in sweep.events:
-                reason = event.failure_reason.value if event.failure_reason else "unknown"
-                self._metrics.expired.labels(reason).inc()
-            expired += len(sweep.events)
-            if len(sweep.events) < self._batch_size:
+                if event.cause == "deadline" and event.failure_reason is not None:
+                    self._metrics.expired.labels(event.failure_reason.value).inc()
+            expired += sweep.fired
+            if sweep.fired < self._batch_size:
                 break
         self._metrics.sweeper_lag.set(lag)
         if expired:

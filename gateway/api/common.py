@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -14,7 +15,7 @@ from gateway.config import Settings
 from gateway.errors import MalformedRequest, PayloadTooLarge
 from gateway.metrics import Metrics
 from gateway.models import IdGenerator, Principal
-from gateway.store.base import Store
+from gateway.store.base import Changes, Store
 from gateway.tokens import ContinueTokens
 
 DEFAULT_LIMIT = 50
@@ -32,9 +33,40 @@ class Context:
     ids: IdGenerator
     metrics: Metrics
     auth: Authenticator
+    wakeup: WakeUp = field(default_factory=lambda: WakeUp())
 
     def continue_url(self, token: str) -> str:
         return f"{self.settings.base_url}/continue/{token}"
+
+    def publish(self, changes: Changes) -> None:
+        """Tell the rest of the process what a store verb recorded: metrics, and runners
+        waiting in a long poll when a job became pending."""
+        self.metrics.record(changes.events)
+        if changes.makes_jobs_pending:
+            self.wakeup.notify()
+
+
+class WakeUp:
+    """Wakes every long poll waiting for work; fired after a commit that made a job pending.
+
+    Each notify sets the current event and replaces it, so a waiter never misses a notify that
+    came after it started waiting, and old waiters are all released together."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True when woken, False when `timeout_s` passed first."""
+        event = self._event
+        try:
+            await asyncio.wait_for(event.wait(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
 
 def context(request: Request) -> Context:

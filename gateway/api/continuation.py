@@ -16,6 +16,7 @@ from gateway.clock import rfc3339
 from gateway.errors import GatewayError, InvalidField, NotFound, PayloadTooLarge, StateConflict
 from gateway.models import ContinueCall, Job
 from gateway.states import Trigger
+from gateway.store.base import ContinueOutcome
 
 UNKNOWN_TOKEN_DETAIL = "this continue URL is not valid"
 MAX_IDEMPOTENCY_KEY = 255
@@ -57,8 +58,9 @@ async def _consume(ctx: Context, digest: bytes, call: ContinueCall | GatewayErro
         ctx.metrics.callbacks.labels(exc.code).inc()
         raise
     ctx.metrics.callbacks.labels(result.outcome.value).inc()
-    ctx.metrics.record(result.events)
-    return json({"job_id": result.job.id, "state": result.job.state.value})
+    ctx.publish(result.changes)
+    status = 202 if result.outcome is ContinueOutcome.DEFERRED else 200
+    return json({"job_id": result.job.id, "state": result.job.state.value}, status)
 
 
 async def post_continue(request: Request) -> Response:
@@ -92,7 +94,7 @@ async def get_continue(request: Request) -> Response:
             pass  # not ready yet, or finished meanwhile: show the state as it is
         else:
             ctx.metrics.callbacks.labels(result.outcome.value).inc()
-            ctx.metrics.record(result.events)
+            ctx.publish(result.changes)
             job = result.job
     return json(_state_view(job))
 
@@ -105,7 +107,7 @@ async def _touch(request: Request, trigger: Trigger, with_log: bool) -> Response
         transition = await ctx.store.touch_continue(digest, trigger, log, ctx.clock.now())
     except NotFound:
         raise unknown_token() from None
-    ctx.metrics.record(transition.events)
+    ctx.publish(transition.changes)
     return json(_state_view(transition.job))
 
 

@@ -12,23 +12,21 @@ from starlette.routing import Route
 from gateway.api.common import Context, authenticated, json, query_int, query_limit, read_body
 from gateway.errors import MalformedRequest, NotFound
 from gateway.models import Job, JobSpec, Variable, decode_body, event_to_wire, job_to_wire
-from gateway.states import Kind, State
-from gateway.tokens import ContinueCredential
+from gateway.states import State
+from gateway.store.base import Changes
 
 MASK = b"[MASKED]"
 _MASK_WINDOW = 4096
 
 
-def _with_url(ctx: Context, job: Job, credential: ContinueCredential | None) -> dict[str, Any]:
+def with_url(ctx: Context, job: Job, changes: Changes) -> dict[str, Any]:
+    """The job as GET shows it, plus its continue URL when this answer minted one (the only
+    time the URL is ever shown)."""
     body = job_to_wire(job)
+    credential = changes.credentials.get(job.id)
     if credential is not None:
         body["continue_url"] = ctx.continue_url(credential.token)
     return body
-
-
-def _credential_for(ctx: Context, job_id: str, spec: JobSpec) -> ContinueCredential | None:
-    """External jobs get their continue URL at creation; script jobs at hand-out."""
-    return ctx.tokens.mint(job_id) if spec.kind is Kind.EXTERNAL else None
 
 
 async def create_job(request: Request) -> Response:
@@ -41,11 +39,9 @@ async def create_job(request: Request) -> Response:
             spec, callback_timeout_s=ctx.settings.default_callback_timeout_s
         )
     now = ctx.clock.now()
-    job_id = ctx.ids.new(now)
-    credential = _credential_for(ctx, job_id, spec)
-    transition = await ctx.store.create_job(job_id, spec, credential, now)
-    ctx.metrics.record(transition.events)
-    return json(_with_url(ctx, transition.job, credential), 201)
+    transition = await ctx.store.create_job(ctx.ids.new(now), spec, ctx.tokens, now)
+    ctx.publish(transition.changes)
+    return json(with_url(ctx, transition.job, transition.changes), 201)
 
 
 async def _job_or_404(ctx: Context, job_id: str) -> Job:
@@ -83,19 +79,30 @@ async def list_jobs(request: Request) -> Response:
 async def cancel_job(request: Request) -> Response:
     ctx, _ = await authenticated(request)
     transition = await ctx.store.cancel_job(request.path_params["job_id"], ctx.clock.now())
-    ctx.metrics.record(transition.events)
+    ctx.publish(transition.changes)
     return json(job_to_wire(transition.job))
 
 
 async def retry_job(request: Request) -> Response:
     ctx, _ = await authenticated(request)
-    old = await _job_or_404(ctx, request.path_params["job_id"])
     now = ctx.clock.now()
-    new_id = ctx.ids.new(now)
-    credential = _credential_for(ctx, new_id, old.spec)
-    transition = await ctx.store.retry_job(old.id, new_id, credential, now)
-    ctx.metrics.record(transition.events)
-    return json(_with_url(ctx, transition.job, credential), 201)
+    transition = await ctx.store.retry_job(
+        request.path_params["job_id"], lambda: ctx.ids.new(now), ctx.tokens, now
+    )
+    ctx.publish(transition.changes)
+    body = with_url(ctx, transition.job, transition.changes)
+    # Downstream jobs the retry reopened: external ones carry their new continue URL here.
+    reopened = [
+        event.job_id
+        for event in transition.events
+        if event.cause == "retry" and event.job_id != transition.job.id
+    ]
+    if reopened:
+        body["reopened"] = [
+            with_url(ctx, job, transition.changes)
+            for job in [await _job_or_404(ctx, job_id) for job_id in reopened]
+        ]
+    return json(body, 201)
 
 
 def secrets_of(ctx: Context, job: Job) -> list[bytes]:

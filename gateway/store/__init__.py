@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from gateway.config import Settings
-from gateway.store.base import Store
+from gateway.store.base import Policy, Store
 from gateway.store.sqlite import SQLiteStore
 
 
 def open_store(settings: Settings) -> Store:
     """The store `settings.db` names (embedded SQLite by default); not yet opened."""
-    return SQLiteStore(settings.sqlite_path)
+    policy = Policy(
+        confirm_timeout_s=settings.confirm_timeout_s,
+        runner_timeout_s=settings.runner_heartbeat_timeout_s,
+    )
+    return SQLiteStore(settings.sqlite_path, policy)
 
 
-__all__ = ["SQLiteStore", "Store", "open_store"]
+__all__ = ["Policy", "SQLiteStore", "Store", "open_store"]

@@ -13,42 +13,115 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from gateway.config import DEFAULT_CONFIRM_TIMEOUT_S, DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S
 from gateway.errors import GatewayError, MalformedRequest
-from gateway.models import ContinueCall, Job, JobEvent, JobSpec, Page, Principal
-from gateway.states import State, Trigger
+from gateway.models import (
+    ContinueCall,
+    HandOut,
+    Job,
+    JobEvent,
+    JobSpec,
+    Page,
+    Pipeline,
+    PipelineEvent,
+    PipelineSpec,
+    PipelineView,
+    Principal,
+    Runner,
+    RunnerSpec,
+)
+from gateway.pipelines import PipelineState
+from gateway.states import FailureReason, State, Trigger
 from gateway.tokens import ContinueCredential
 
 
 class ContinueOutcome(StrEnum):
     APPLIED = "applied"  # this call finished the job
     REPLAYED = "replayed"  # an exact repeat of the call that finished it
+    DEFERRED = "deferred"  # an early call, kept until the async script exits 0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Server-wide timings the store applies to every job."""
+
+    confirm_timeout_s: int = DEFAULT_CONFIRM_TIMEOUT_S
+    runner_timeout_s: int = DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S
+
+
+class Minter(Protocol):
+    def mint(self, job_id: str) -> ContinueCredential:
+        """A new continue credential for `job_id`'s attempt."""
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Everything one verb recorded: job events (cascades into other jobs of a pipeline
+    included), pipeline events, and the continue credentials it minted (by job id)."""
+
+    events: list[JobEvent] = field(default_factory=list)
+    pipeline_events: list[PipelineEvent] = field(default_factory=list)
+    credentials: dict[str, ContinueCredential] = field(default_factory=dict)
+    requeued: int = 0
+
+    @property
+    def makes_jobs_pending(self) -> bool:
+        """Whether runners waiting for work should look again."""
+        return self.requeued > 0 or any(e.state is State.PENDING for e in self.events)
 
 
 @dataclass(frozen=True)
 class Transition:
-    """A job after a verb, and the events the verb recorded (empty when only deadlines moved)."""
+    """A job after a verb, and what the verb recorded (no events when only deadlines moved)."""
 
     job: Job
-    events: list[JobEvent]
+    changes: Changes
+
+    @property
+    def events(self) -> list[JobEvent]:
+        return self.changes.events
 
 
 @dataclass(frozen=True)
 class ContinueResult:
     outcome: ContinueOutcome
     job: Job
-    events: list[JobEvent]
+    changes: Changes
+
+    @property
+    def events(self) -> list[JobEvent]:
+        return self.changes.events
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    view: PipelineView
+    changes: Changes
+
+
+@dataclass(frozen=True)
+class TraceAppend:
+    job: Job
+    size: int
+    changes: Changes
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """What one sweep batch did: the events of the jobs it failed and how late the oldest was."""
+    """What one sweep batch did, and how late the oldest deadline it fired was."""
 
-    events: list[JobEvent]
+    changes: Changes
+    fired: int
     oldest_deadline_at: float | None
+
+    @property
+    def events(self) -> list[JobEvent]:
+        return self.changes.events
 
 
 class Store(Protocol):
@@ -69,13 +142,10 @@ class Store(Protocol):
     async def find_api_token(self, token_hash: bytes) -> Principal | None: ...
 
     async def create_job(
-        self,
-        job_id: str,
-        spec: JobSpec,
-        credential: ContinueCredential | None,
-        now: float,
+        self, job_id: str, spec: JobSpec, minter: Minter, now: float
     ) -> Transition:
-        """Insert a new standalone job, pending, with its first event."""
+        """Insert a new standalone job, pending, with its first event (and for an external job
+        its continue credential, in `changes.credentials`)."""
 
     async def get_job(self, job_id: str) -> Job | None: ...
 
@@ -93,9 +163,10 @@ class Store(Protocol):
     async def cancel_job(self, job_id: str, now: float) -> Transition: ...
 
     async def retry_job(
-        self, job_id: str, new_id: str, credential: ContinueCredential | None, now: float
+        self, job_id: str, new_id: Callable[[], str], minter: Minter, now: float
     ) -> Transition:
-        """A new attempt of a terminal job that has not been retried yet."""
+        """A new attempt of a terminal job that has not been retried yet; in a pipeline, the
+        downstream jobs it had skipped get new attempts too (their events in `changes`)."""
 
     async def find_by_continue_token(self, token_hash: bytes) -> Job | None: ...
 
@@ -111,7 +182,64 @@ class Store(Protocol):
         """A non-terminal call (START or HEARTBEAT, with `log` appended to the trace)."""
 
     async def expire_overdue(self, now: float, limit: int) -> Sweep:
-        """Fail up to `limit` jobs whose earliest deadline is due, earliest first."""
+        """Fire up to `limit` due deadlines, earliest first: fail the job, or put a hand-out
+        nobody confirmed back in the queue."""
+
+    async def create_pipeline(
+        self,
+        pipeline_id: str,
+        spec: PipelineSpec,
+        job_ids: dict[str, str],
+        minter: Minter,
+        now: float,
+    ) -> PipelineResult:
+        """Insert a pipeline and its jobs (pending when they need nothing, else created)."""
+
+    async def get_pipeline(self, pipeline_id: str) -> PipelineView | None: ...
+
+    async def list_pipelines(
+        self, *, state: PipelineState | None, limit: int, cursor: str | None
+    ) -> Page[Pipeline]:
+        """Newest first."""
+
+    async def cancel_pipeline(self, pipeline_id: str, now: float) -> PipelineResult: ...
+
+    async def create_runner(
+        self, runner_id: str, spec: RunnerSpec, token_hash: bytes, now: float
+    ) -> Runner: ...
+
+    async def list_runners(self, *, limit: int, cursor: str | None) -> Page[Runner]: ...
+
+    async def revoke_runner(self, runner_id: str, now: float) -> None:
+        """NotFound for an unknown or already revoked runner."""
+
+    async def find_runner(self, token_hash: bytes) -> Runner | None: ...
+
+    async def claim_job(
+        self, runner: Runner, job_token_hash: bytes, minter: Minter, now: float
+    ) -> HandOut | None:
+        """Hand the oldest pending job this runner can run to it (exactly once), or None."""
+
+    async def confirm_job(self, job_id: str, job_token_hash: bytes, now: float) -> Transition:
+        """`PUT {"state": "running"}`: confirms a hand-out, or is a keepalive while running.
+        Forbidden for a token that is not this job's."""
+
+    async def append_trace(
+        self, job_id: str, job_token_hash: bytes, start: int, data: bytes, now: float
+    ) -> TraceAppend:
+        """Append at byte `start`; RangeNotSatisfiable (with the current size) otherwise."""
+
+    async def finish_script(
+        self,
+        job_id: str,
+        job_token_hash: bytes,
+        *,
+        succeeded: bool,
+        exit_code: int | None,
+        reason: FailureReason | None,
+        now: float,
+    ) -> Transition:
+        """The script's exit; an async job that exited 0 parks (and takes an early call)."""
 
 
 def encode_cursor(key: str) -> str:

@@ -1,0 +1,299 @@
+"""Job verbs on SQLite: create, read, cancel, retry, the continue URL, and the deadline sweep."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from gateway.errors import AlreadyFinal, GatewayError, NotFound, NotLatestAttempt, StateConflict
+from gateway.models import ContinueCall, Job, JobEvent, JobSpec, Page
+from gateway.pipelines import downstream
+from gateway.states import Flavor, State, Trigger, advance
+from gateway.store.base import (
+    ContinueOutcome,
+    ContinueResult,
+    Minter,
+    Sweep,
+    Transition,
+    decode_cursor,
+    encode_cursor,
+)
+from gateway.store.sqlite.tx import (
+    INSERT_EVENT,
+    SELECT_JOB,
+    UPDATE_TRANSITION,
+    Loaded,
+    Tx,
+    event_params,
+    job_event,
+    load_job,
+    transition_params,
+)
+
+UNKNOWN_TOKEN = "unknown continue token"
+
+
+def create_job(tx: Tx, job_id: str, spec: JobSpec, minter: Minter) -> Transition:
+    return Transition(job=tx.insert_job(job_id, spec, minter).job, changes=tx.changes())
+
+
+def get_job(conn: sqlite3.Connection, job_id: str) -> Job | None:
+    row = conn.execute(f"{SELECT_JOB} WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else load_job(row).job
+
+
+def list_jobs(
+    conn: sqlite3.Connection,
+    *,
+    state: State | None,
+    pipeline_id: str | None,
+    limit: int,
+    cursor: str | None,
+) -> Page[Job]:
+    clauses, params = [], []
+    if state is not None:
+        clauses.append("state = ?")
+        params.append(state.value)
+    if pipeline_id is not None:
+        clauses.append("pipeline_id = ?")
+        params.append(pipeline_id)
+    if cursor is not None:
+        clauses.append("id < ?")
+        params.append(decode_cursor(cursor, "j:"))
+    where = " AND ".join(clauses) or "1"
+    rows = conn.execute(
+        f"{SELECT_JOB} WHERE {where} ORDER BY id DESC LIMIT ?", (*params, limit + 1)
+    ).fetchall()
+    jobs = [load_job(row).job for row in rows[:limit]]
+    more = len(rows) > limit
+    return Page(items=jobs, next_cursor=encode_cursor("j:" + jobs[-1].id) if more else None)
+
+
+def list_events(conn: sqlite3.Connection, job_id: str, *, after: int, limit: int) -> Page[JobEvent]:
+    if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+        raise NotFound(f"no job {job_id}")
+    rows = conn.execute(
+        "SELECT id, job_id, sequence, state, previous_state, failure_reason, cause, at"
+        " FROM job_events WHERE job_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+        (job_id, after, limit + 1),
+    ).fetchall()
+    events = [job_event(row[0], row[1:]) for row in rows[:limit]]
+    more = len(rows) > limit
+    return Page(
+        items=events, next_cursor=encode_cursor(f"e:{events[-1].sequence}") if more else None
+    )
+
+
+def read_trace(conn: sqlite3.Connection, job_id: str, offset: int) -> bytes:
+    if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+        raise NotFound(f"no job {job_id}")
+    rows = conn.execute(
+        "SELECT offset, data FROM job_trace WHERE job_id = ? AND offset + length(data) > ?"
+        " ORDER BY offset",
+        (job_id, offset),
+    ).fetchall()
+    if not rows:
+        return b""
+    joined = b"".join(row[1] for row in rows)
+    return joined[max(0, offset - rows[0][0]) :]
+
+
+def append_to_trace(tx: Tx, loaded: Loaded, data: bytes) -> int:
+    """Append `data` at the end of the job's trace; the new size."""
+    tx.conn.execute(
+        "INSERT INTO job_trace (job_id, offset, data) VALUES (?, ?, ?)",
+        (loaded.job.id, loaded.trace_size, data),
+    )
+    tx.conn.execute(
+        "UPDATE jobs SET trace_size = trace_size + ? WHERE id = ?", (len(data), loaded.job.id)
+    )
+    return loaded.trace_size + len(data)
+
+
+def cancel_job(tx: Tx, job_id: str) -> Transition:
+    loaded = tx.apply(tx.job(job_id), Trigger.CANCEL, "cancel")
+    return Transition(job=loaded.job, changes=tx.changes())
+
+
+def retry_job(tx: Tx, job_id: str, new_id: Callable[[], str], minter: Minter) -> Transition:
+    """A new attempt of the job; in a pipeline also of every downstream job it had skipped."""
+    old = tx.job(job_id).job
+    if not old.state.terminal:
+        raise StateConflict(f"only a finished job can be retried; this one is {old.state}")
+    if old.retried:
+        raise NotLatestAttempt("this attempt was retried already; retry the latest one")
+    retried = [old]
+    if old.pipeline_id is not None:
+        pipeline, _ = tx.pipeline(old.pipeline_id)
+        latest = {lj.job.name: lj.job for lj in tx.latest_jobs(pipeline)}
+        needs = {name: list(job.needs) for name, job in latest.items()}
+        retried += [
+            latest[name]
+            for name in sorted(downstream(needs, old.name), key=list(pipeline.spec.jobs).index)
+            if latest[name].state is State.SKIPPED
+        ]
+        if pipeline.canceled:
+            tx.conn.execute("UPDATE pipelines SET canceled = 0 WHERE id = ?", (pipeline.id,))
+    first: Job | None = None
+    for job in retried:
+        attempt = tx.insert_job(
+            new_id(),
+            job.spec,
+            minter,
+            attempt=job.attempt + 1,
+            retry_of=job.id,
+            pipeline_id=job.pipeline_id,
+            needs=job.needs,
+        )
+        first = first or attempt.job
+    assert first is not None
+    tx.settle()
+    return Transition(job=tx.job(first.id).job, changes=tx.changes())
+
+
+def find_by_continue_token(conn: sqlite3.Connection, token_hash: bytes) -> Job | None:
+    row = conn.execute(f"{SELECT_JOB} WHERE token_hash = ?", (token_hash,)).fetchone()
+    return None if row is None else load_job(row).job
+
+
+def _is_repeat(loaded: Loaded, call: ContinueCall) -> bool:
+    """An exact repeat of the call recorded on the job (JSON-equal, or same Idempotency-Key)."""
+    if loaded.callback_digest is None:
+        return False
+    if call.digest == loaded.callback_digest:
+        return True
+    return call.idempotency_key is not None and call.idempotency_key == loaded.callback_key
+
+
+def _call_columns(call: ContinueCall) -> dict[str, Any]:
+    """The columns a terminal call sets; an exit code or message it does not give leaves the
+    script's in place."""
+    columns: dict[str, Any] = {
+        "outputs": None if call.outputs is None else json.dumps(call.outputs),
+        "result": call.result_json,
+        "callback_digest": call.digest,
+        "callback_key": call.idempotency_key,
+    }
+    if call.exit_code is not None:
+        columns["exit_code"] = call.exit_code
+    if call.message is not None:
+        columns["message"] = call.message
+    return columns
+
+
+def apply_call(tx: Tx, loaded: Loaded, call: ContinueCall) -> Loaded:
+    """Finish the job with a terminal call's result (the caller checked it may)."""
+    trigger = Trigger.CALLBACK_SUCCEEDED if call.succeeded else Trigger.CALLBACK_FAILED
+    return tx.apply(loaded, trigger, "callback", **_call_columns(call))
+
+
+def consume_continue(
+    tx: Tx, token_hash: bytes, call: ContinueCall | GatewayError
+) -> ContinueResult:
+    loaded = tx.find_job("token_hash = ?", token_hash)
+    if loaded is None:
+        raise NotFound(UNKNOWN_TOKEN)
+    if isinstance(call, GatewayError):
+        raise call
+    job = loaded.job
+    if job.state.terminal:
+        if _is_repeat(loaded, call):
+            return ContinueResult(ContinueOutcome.REPLAYED, job, tx.changes())
+        raise AlreadyFinal(job.state, job.failure_reason)
+    if tx.lifecycle(job).takes_early_callback:
+        if loaded.early_callback is not None:
+            if _is_repeat(loaded, call):
+                return ContinueResult(ContinueOutcome.DEFERRED, job, tx.changes())
+            raise StateConflict("another terminal call was already accepted for this job")
+        tx.conn.execute(
+            "UPDATE jobs SET early_callback = ?, callback_digest = ?, callback_key = ?"
+            " WHERE id = ?",
+            (_keep(call), call.digest, call.idempotency_key, job.id),
+        )
+        return ContinueResult(ContinueOutcome.DEFERRED, job, tx.changes())
+    finished = apply_call(tx, loaded, call)
+    tx.settle()
+    return ContinueResult(ContinueOutcome.APPLIED, finished.job, tx.changes())
+
+
+def _keep(call: ContinueCall) -> str:
+    """An early terminal call as kept on the job until the script exits."""
+    return json.dumps(
+        {
+            "succeeded": call.succeeded,
+            "exit_code": call.exit_code,
+            "message": call.message,
+            "outputs": call.outputs,
+            "result_json": call.result_json,
+            "digest": call.digest.hex(),
+            "idempotency_key": call.idempotency_key,
+        }
+    )
+
+
+def early_call(loaded: Loaded) -> ContinueCall | None:
+    """The terminal call kept while the async script ran, if any."""
+    if loaded.early_callback is None:
+        return None
+    kept = json.loads(loaded.early_callback)
+    return ContinueCall(
+        succeeded=kept["succeeded"],
+        exit_code=kept["exit_code"],
+        message=kept["message"],
+        outputs=kept["outputs"],
+        result_json=kept["result_json"],
+        digest=bytes.fromhex(kept["digest"]),
+        idempotency_key=kept["idempotency_key"],
+    )
+
+
+def touch_continue(tx: Tx, token_hash: bytes, trigger: Trigger, log: bytes | None) -> Transition:
+    loaded = tx.find_job("token_hash = ?", token_hash)
+    if loaded is None:
+        raise NotFound(UNKNOWN_TOKEN)
+    effective = trigger
+    if trigger is Trigger.START and loaded.job.lifecycle.flavor is not Flavor.EXTERNAL:
+        effective = Trigger.HEARTBEAT
+    touched = tx.apply(loaded, effective, f"continue:{trigger.value}")
+    if log:
+        append_to_trace(tx, touched, log)
+    tx.settle()
+    return Transition(job=touched.job, changes=tx.changes())
+
+
+def expire_overdue(tx: Tx, limit: int) -> Sweep:
+    """Fire due deadlines in one batch. Failures are written with executemany; a requeue (a
+    hand-out nobody confirmed) goes through `Tx.write`, which revokes its credentials."""
+    rows = tx.conn.execute(
+        f"{SELECT_JOB} WHERE deadline_at <= ? ORDER BY deadline_at LIMIT ?", (tx.now, limit)
+    ).fetchall()
+    if not rows:
+        return Sweep(changes=tx.changes(), fired=0, oldest_deadline_at=None)
+    updates, inserts = [], []
+    oldest = None
+    for row in rows:
+        loaded = load_job(row)
+        if oldest is None:
+            oldest = loaded.job.deadline_at
+        change = advance(tx.lifecycle(loaded.job), Trigger.DEADLINE, tx.now)
+        if change.requeued:
+            tx.write(loaded, change, "deadline")
+            continue
+        updates.append(transition_params(loaded, change, tx.now))
+        inserts.append(event_params(loaded, change, "deadline", tx.now))
+        if loaded.job.pipeline_id is not None:
+            tx.touch_pipeline(loaded.job.pipeline_id)
+    if updates:
+        cursor = tx.conn.executemany(UPDATE_TRANSITION, updates)
+        if cursor.rowcount != len(updates):
+            raise StateConflict("a due job changed concurrently; the sweep retries")
+        tx.conn.executemany(INSERT_EVENT, inserts)
+        last = tx.conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'job_events'"
+        ).fetchone()[0]
+        first = last - len(inserts) + 1
+        tx.events.extend(job_event(first + i, p) for i, p in enumerate(inserts))
+    tx.settle()
+    return Sweep(changes=tx.changes(), fired=len(rows), oldest_deadline_at=oldest)

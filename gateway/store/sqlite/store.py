@@ -1,0 +1,303 @@
+"""The embedded store: SQLite in WAL mode through aiosqlite.
+
+Every verb is a plain function run on aiosqlite's connection thread in one hop: `_transact`
+wraps it in BEGIN IMMEDIATE ... COMMIT with a `Tx` for its bookkeeping. One aiosqlite call costs
+about 120 us on our machine kind, so a verb made of several awaits would cap the hot path near
+1.1k/s; one hop per transaction keeps it near the speed of SQLite itself. The connection thread
+runs one function at a time, so transactions never interleave
+(docs/decisions/0002-one-hop-transactions.md).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import aiosqlite
+
+from gateway.errors import GatewayError, MalformedRequest, StoreError
+from gateway.models import (
+    ContinueCall,
+    HandOut,
+    Job,
+    JobEvent,
+    JobSpec,
+    Page,
+    Pipeline,
+    PipelineSpec,
+    PipelineView,
+    Principal,
+    Runner,
+    RunnerSpec,
+)
+from gateway.pipelines import PipelineState
+from gateway.states import FailureReason, State, Trigger
+from gateway.store.base import (
+    ContinueResult,
+    Minter,
+    PipelineResult,
+    Policy,
+    Sweep,
+    TraceAppend,
+    Transition,
+    decode_cursor,
+)
+from gateway.store.sqlite import jobs, pipelines, runners
+from gateway.store.sqlite.schema import configure, migrate
+from gateway.store.sqlite.tx import Tx
+
+T = TypeVar("T")
+_MAX_CURSOR_DIGITS = 18  # always fits SQLite's INTEGER
+
+
+class SQLiteStore:
+    """The store contract on one SQLite file."""
+
+    def __init__(self, path: Path, policy: Policy | None = None) -> None:
+        self._path = path
+        self._policy = policy or Policy()
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            await self._run(_configure_and_migrate)
+        except BaseException:
+            # A refused open must not leave aiosqlite's (non-daemon) thread behind.
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the connection thread: one hop, whatever it does."""
+        if self._db is None:
+            raise StoreError("the store is not open")
+        db = self._db
+        result: T = await db._execute(fn, db._conn)  # type: ignore[no-untyped-call]
+        return result
+
+    async def _transact(self, verb: Callable[[Tx], T], now: float) -> T:
+        """Run `verb` inside BEGIN IMMEDIATE ... COMMIT on the connection thread (one hop);
+        any exception rolls back, so a raising verb changes nothing."""
+        policy = self._policy
+
+        def run(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = verb(Tx(conn, policy, now))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._run(run)
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # -- server ----------------------------------------------------------------------------
+
+    async def claim_secret_fingerprint(self, fingerprint: str) -> None:
+        def claim(tx: Tx) -> None:
+            tx.conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('secret_key_fingerprint', ?)",
+                (fingerprint,),
+            )
+            stored = tx.conn.execute(
+                "SELECT value FROM meta WHERE key = 'secret_key_fingerprint'"
+            ).fetchone()[0]
+            if stored != fingerprint:
+                raise StoreError(
+                    "GATEWAY_SECRET_KEY differs from the key this database was used with;"
+                    " every continue URL would break. Use the original key."
+                )
+
+        await self._transact(claim, 0.0)
+
+    async def ensure_api_token(self, name: str, token_hash: bytes, scope: str, now: float) -> None:
+        def ensure(tx: Tx) -> None:
+            tx.conn.execute(
+                "INSERT INTO api_tokens (id, name, token_hash, scope, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                " token_hash = excluded.token_hash, scope = excluded.scope, revoked_at = NULL",
+                (name, name, token_hash, scope, now),
+            )
+
+        await self._transact(ensure, now)
+
+    async def find_api_token(self, token_hash: bytes) -> Principal | None:
+        def find(conn: sqlite3.Connection) -> Principal | None:
+            row = conn.execute(
+                "SELECT id, name, scope FROM api_tokens"
+                " WHERE token_hash = ? AND revoked_at IS NULL",
+                (token_hash,),
+            ).fetchone()
+            return None if row is None else Principal(token_id=row[0], name=row[1], scope=row[2])
+
+        return await self._run(find)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def create_job(
+        self, job_id: str, spec: JobSpec, minter: Minter, now: float
+    ) -> Transition:
+        return await self._transact(lambda tx: jobs.create_job(tx, job_id, spec, minter), now)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        return await self._run(lambda conn: jobs.get_job(conn, job_id))
+
+    async def list_jobs(
+        self, *, state: State | None, pipeline_id: str | None, limit: int, cursor: str | None
+    ) -> Page[Job]:
+        def page(conn: sqlite3.Connection) -> Page[Job]:
+            return jobs.list_jobs(
+                conn, state=state, pipeline_id=pipeline_id, limit=limit, cursor=cursor
+            )
+
+        return await self._run(page)
+
+    async def list_events(self, job_id: str, *, limit: int, cursor: str | None) -> Page[JobEvent]:
+        after = 0
+        if cursor is not None:
+            key = decode_cursor(cursor, "e:")
+            if not key.isdigit() or len(key) > _MAX_CURSOR_DIGITS:
+                raise MalformedRequest("`cursor` is not one this server handed out")
+            after = int(key)
+        return await self._run(
+            lambda conn: jobs.list_events(conn, job_id, after=after, limit=limit)
+        )
+
+    async def read_trace(self, job_id: str, offset: int) -> bytes:
+        return await self._run(lambda conn: jobs.read_trace(conn, job_id, offset))
+
+    async def cancel_job(self, job_id: str, now: float) -> Transition:
+        def cancel(tx: Tx) -> Transition:
+            transition = jobs.cancel_job(tx, job_id)
+            tx.settle()
+            return Transition(job=transition.job, changes=tx.changes())
+
+        return await self._transact(cancel, now)
+
+    async def retry_job(
+        self, job_id: str, new_id: Callable[[], str], minter: Minter, now: float
+    ) -> Transition:
+        return await self._transact(lambda tx: jobs.retry_job(tx, job_id, new_id, minter), now)
+
+    async def find_by_continue_token(self, token_hash: bytes) -> Job | None:
+        return await self._run(lambda conn: jobs.find_by_continue_token(conn, token_hash))
+
+    async def consume_continue(
+        self, token_hash: bytes, call: ContinueCall | GatewayError, now: float
+    ) -> ContinueResult:
+        return await self._transact(lambda tx: jobs.consume_continue(tx, token_hash, call), now)
+
+    async def touch_continue(
+        self, token_hash: bytes, trigger: Trigger, log: bytes | None, now: float
+    ) -> Transition:
+        return await self._transact(
+            lambda tx: jobs.touch_continue(tx, token_hash, trigger, log), now
+        )
+
+    async def expire_overdue(self, now: float, limit: int) -> Sweep:
+        return await self._transact(lambda tx: jobs.expire_overdue(tx, limit), now)
+
+    # -- pipelines -------------------------------------------------------------------------
+
+    async def create_pipeline(
+        self,
+        pipeline_id: str,
+        spec: PipelineSpec,
+        job_ids: dict[str, str],
+        minter: Minter,
+        now: float,
+    ) -> PipelineResult:
+        return await self._transact(
+            lambda tx: pipelines.create_pipeline(tx, pipeline_id, spec, job_ids, minter), now
+        )
+
+    async def get_pipeline(self, pipeline_id: str) -> PipelineView | None:
+        def get(tx: Tx) -> PipelineView | None:
+            row = tx.conn.execute("SELECT 1 FROM pipelines WHERE id = ?", (pipeline_id,)).fetchone()
+            return None if row is None else pipelines.view(tx, pipeline_id)
+
+        return await self._run(lambda conn: get(Tx(conn, self._policy, 0.0)))
+
+    async def list_pipelines(
+        self, *, state: PipelineState | None, limit: int, cursor: str | None
+    ) -> Page[Pipeline]:
+        return await self._run(
+            lambda conn: pipelines.list_pipelines(conn, state=state, limit=limit, cursor=cursor)
+        )
+
+    async def cancel_pipeline(self, pipeline_id: str, now: float) -> PipelineResult:
+        return await self._transact(lambda tx: pipelines.cancel_pipeline(tx, pipeline_id), now)
+
+    # -- runners ---------------------------------------------------------------------------
+
+    async def create_runner(
+        self, runner_id: str, spec: RunnerSpec, token_hash: bytes, now: float
+    ) -> Runner:
+        return await self._transact(
+            lambda tx: runners.create_runner(tx, runner_id, spec, token_hash), now
+        )
+
+    async def list_runners(self, *, limit: int, cursor: str | None) -> Page[Runner]:
+        return await self._run(lambda conn: runners.list_runners(conn, limit=limit, cursor=cursor))
+
+    async def revoke_runner(self, runner_id: str, now: float) -> None:
+        await self._transact(lambda tx: runners.revoke_runner(tx, runner_id), now)
+
+    async def find_runner(self, token_hash: bytes) -> Runner | None:
+        return await self._run(lambda conn: runners.find_runner(conn, token_hash))
+
+    async def claim_job(
+        self, runner: Runner, job_token_hash: bytes, minter: Minter, now: float
+    ) -> HandOut | None:
+        return await self._transact(
+            lambda tx: runners.claim_job(tx, runner, job_token_hash, minter), now
+        )
+
+    async def confirm_job(self, job_id: str, job_token_hash: bytes, now: float) -> Transition:
+        return await self._transact(lambda tx: runners.confirm_job(tx, job_id, job_token_hash), now)
+
+    async def append_trace(
+        self, job_id: str, job_token_hash: bytes, start: int, data: bytes, now: float
+    ) -> TraceAppend:
+        return await self._transact(
+            lambda tx: runners.append_trace(tx, job_id, job_token_hash, start, data), now
+        )
+
+    async def finish_script(
+        self,
+        job_id: str,
+        job_token_hash: bytes,
+        *,
+        succeeded: bool,
+        exit_code: int | None,
+        reason: FailureReason | None,
+        now: float,
+    ) -> Transition:
+        return await self._transact(
+            lambda tx: runners.finish_script(
+                tx,
+                job_id,
+                job_token_hash,
+                succeeded=succeeded,
+                exit_code=exit_code,
+                reason=reason,
+            ),
+            now,
+        )
+
+
+def _configure_and_migrate(conn: sqlite3.Connection) -> int:
+    configure(conn)
+    return migrate(conn)

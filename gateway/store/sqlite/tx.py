@@ -1,0 +1,438 @@
+"""One transaction's unit of work on SQLite: load jobs, apply state-machine changes
+compare-and-set, record events, insert jobs, and settle the pipelines a change touched.
+
+Every store verb is a function of a `Tx`, run on the database thread between BEGIN IMMEDIATE
+and COMMIT; `Tx.changes()` is what the verb reports back (events, pipeline events, minted
+credentials).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from gateway.errors import NotFound, StateConflict
+from gateway.models import (
+    Job,
+    JobEvent,
+    JobSpec,
+    Pipeline,
+    PipelineEvent,
+    PipelineSpec,
+)
+from gateway.pipelines import JobStatus, PipelineState, Readiness, derive_state, readiness
+from gateway.states import (
+    Change,
+    Deadlines,
+    FailureReason,
+    Kind,
+    Lifecycle,
+    State,
+    Trigger,
+    advance,
+    entry_deadlines,
+)
+from gateway.store.base import Changes, Minter, Policy
+from gateway.tokens import ContinueCredential
+
+JOB_COLUMNS = (
+    "id, pipeline_id, name, kind, is_async, state, failure_reason, exit_code, message, outputs,"
+    " result, attempt, retry_of, spec, created_at, started_at, parked_at, finished_at,"
+    " execution_deadline_at, callback_deadline_at, heartbeat_deadline_at, runner_deadline_at,"
+    " queue_deadline_at, confirm_deadline_at, token_nonce, callback_digest, callback_key,"
+    " event_sequence, needs, runner_id, early_callback, job_token_hash, trace_size,"
+    " EXISTS (SELECT 1 FROM jobs AS later WHERE later.retry_of = jobs.id) AS retried"
+)
+SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs"
+PIPELINE_COLUMNS = (
+    "id, name, state, spec, canceled, created_at, started_at, finished_at, event_sequence"
+)
+SELECT_PIPELINE = f"SELECT {PIPELINE_COLUMNS} FROM pipelines"
+LATEST_ATTEMPT = "NOT EXISTS (SELECT 1 FROM jobs AS later WHERE later.retry_of = jobs.id)"
+
+_JOB_SPEC = msgspec.json.Decoder(JobSpec)
+_PIPELINE_SPEC = msgspec.json.Decoder(PipelineSpec)
+ENCODE = msgspec.json.Encoder()
+
+_TRANSITION_SET = (
+    "UPDATE jobs SET state = ?, failure_reason = COALESCE(?, failure_reason),"
+    " started_at = COALESCE(started_at, ?), parked_at = COALESCE(?, parked_at),"
+    " finished_at = COALESCE(?, finished_at), execution_deadline_at = ?,"
+    " callback_deadline_at = ?, heartbeat_deadline_at = ?, runner_deadline_at = ?,"
+    " queue_deadline_at = ?, confirm_deadline_at = ?, deadline_at = ?, event_sequence = ?"
+)
+_TRANSITION_WHERE = " WHERE id = ? AND state = ? AND event_sequence = ?"
+UPDATE_TRANSITION = _TRANSITION_SET + _TRANSITION_WHERE
+INSERT_EVENT = (
+    "INSERT INTO job_events (job_id, sequence, state, previous_state, failure_reason, cause, at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# A hand-out nobody confirmed goes back to the queue with its credentials revoked.
+REQUEUE_COLUMNS = {
+    "runner_id": None,
+    "job_token_hash": None,
+    "token_nonce": None,
+    "token_hash": None,
+}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A job row with the bookkeeping columns the wire never shows."""
+
+    job: Job
+    event_sequence: int
+    callback_digest: bytes | None
+    callback_key: str | None
+    early_callback: str | None
+    job_token_hash: bytes | None
+    trace_size: int
+
+
+def load_job(row: Sequence[Any]) -> Loaded:
+    job = Job(
+        id=row[0],
+        pipeline_id=row[1],
+        name=row[2],
+        kind=Kind(row[3]),
+        is_async=bool(row[4]),
+        state=State(row[5]),
+        failure_reason=None if row[6] is None else FailureReason(row[6]),
+        exit_code=row[7],
+        message=row[8],
+        outputs=None if row[9] is None else json.loads(row[9]),
+        result_json=row[10],
+        attempt=row[11],
+        retry_of=row[12],
+        spec=_JOB_SPEC.decode(row[13]),
+        created_at=row[14],
+        started_at=row[15],
+        parked_at=row[16],
+        finished_at=row[17],
+        deadlines=Deadlines(
+            execution=row[18],
+            callback=row[19],
+            heartbeat=row[20],
+            runner=row[21],
+            queue=row[22],
+            confirm=row[23],
+        ),
+        token_nonce=row[24],
+        needs=tuple(json.loads(row[28])) if row[28] else (),
+        runner_id=row[29],
+        retried=bool(row[33]),
+    )
+    return Loaded(
+        job=job,
+        event_sequence=row[27],
+        callback_digest=row[25],
+        callback_key=row[26],
+        early_callback=row[30],
+        job_token_hash=row[31],
+        trace_size=row[32],
+    )
+
+
+def load_pipeline(row: Sequence[Any]) -> tuple[Pipeline, int]:
+    """A pipeline row and its event sequence."""
+    pipeline = Pipeline(
+        id=row[0],
+        name=row[1],
+        state=PipelineState(row[2]),
+        spec=_PIPELINE_SPEC.decode(row[3]),
+        canceled=bool(row[4]),
+        created_at=row[5],
+        started_at=row[6],
+        finished_at=row[7],
+    )
+    return pipeline, row[8]
+
+
+def job_event(event_id: int, params: Sequence[Any]) -> JobEvent:
+    job_id, sequence, state, previous, reason, cause, at = params
+    return JobEvent(
+        id=event_id,
+        job_id=job_id,
+        sequence=sequence,
+        state=State(state),
+        previous_state=None if previous is None else State(previous),
+        failure_reason=None if reason is None else FailureReason(reason),
+        cause=cause,
+        at=at,
+    )
+
+
+def transition_params(loaded: Loaded, change: Change, now: float) -> tuple[Any, ...]:
+    """Parameters of UPDATE_TRANSITION (SET values, then the compare-and-set WHERE)."""
+    d = change.deadlines
+    earliest = d.earliest()
+    return (
+        change.state.value,
+        None if change.failure_reason is None else change.failure_reason.value,
+        now if change.sets_started_at else None,
+        now if change.sets_parked_at else None,
+        now if change.sets_finished_at else None,
+        d.execution,
+        d.callback,
+        d.heartbeat,
+        d.runner,
+        d.queue,
+        d.confirm,
+        None if earliest is None else earliest[0],
+        loaded.event_sequence + (1 if change.transitioned else 0),
+        loaded.job.id,
+        loaded.job.state.value,
+        loaded.event_sequence,
+    )
+
+
+def event_params(loaded: Loaded, change: Change, cause: str, now: float) -> tuple[Any, ...]:
+    return (
+        loaded.job.id,
+        loaded.event_sequence + 1,
+        change.state.value,
+        change.previous_state.value,
+        None if change.failure_reason is None else change.failure_reason.value,
+        cause,
+        now,
+    )
+
+
+class Tx:
+    """The bookkeeping of one transaction; see the module docstring."""
+
+    def __init__(self, conn: sqlite3.Connection, policy: Policy, now: float) -> None:
+        self.conn = conn
+        self.policy = policy
+        self.now = now
+        self.events: list[JobEvent] = []
+        self.pipeline_events: list[PipelineEvent] = []
+        self.credentials: dict[str, ContinueCredential] = {}
+        self.requeued = 0
+        self._touched: set[str] = set()
+
+    def changes(self) -> Changes:
+        return Changes(
+            events=self.events,
+            pipeline_events=self.pipeline_events,
+            credentials=self.credentials,
+            requeued=self.requeued,
+        )
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def find_job(self, where: str, *params: Any) -> Loaded | None:
+        row = self.conn.execute(f"{SELECT_JOB} WHERE {where}", params).fetchone()
+        return None if row is None else load_job(row)
+
+    def job(self, job_id: str) -> Loaded:
+        loaded = self.find_job("id = ?", job_id)
+        if loaded is None:
+            raise NotFound(f"no job {job_id}")
+        return loaded
+
+    def lifecycle(self, job: Job) -> Lifecycle:
+        return dataclasses.replace(
+            job.lifecycle,
+            confirm_timeout_s=self.policy.confirm_timeout_s,
+            runner_timeout_s=self.policy.runner_timeout_s,
+        )
+
+    def apply(
+        self,
+        loaded: Loaded,
+        trigger: Trigger,
+        cause: str,
+        *,
+        reason: FailureReason | None = None,
+        **columns: Any,
+    ) -> Loaded:
+        """Advance the job by `trigger`, write it with `columns`, and return it re-read."""
+        change = advance(self.lifecycle(loaded.job), trigger, self.now, reason=reason)
+        return self.write(loaded, change, cause, **columns)
+
+    def write(self, loaded: Loaded, change: Change, cause: str, **columns: Any) -> Loaded:
+        """Compare-and-set `change` (plus extra `columns`) onto the row, record its event, and
+        return the row re-read. StateConflict if the row moved (cannot happen under BEGIN
+        IMMEDIATE; kept as the contract's guard)."""
+        if change.requeued:
+            columns = {**REQUEUE_COLUMNS, **columns}
+            self.requeued += 1
+        params = transition_params(loaded, change, self.now)
+        extra = "".join(f", {name} = ?" for name in columns)
+        sql = _TRANSITION_SET + extra + _TRANSITION_WHERE
+        cursor = self.conn.execute(sql, params[:-3] + tuple(columns.values()) + params[-3:])
+        if cursor.rowcount != 1:
+            raise StateConflict("the job changed concurrently; try again")
+        if change.transitioned:
+            self._record(event_params(loaded, change, cause, self.now))
+            if loaded.job.pipeline_id is not None:
+                self._touched.add(loaded.job.pipeline_id)
+        return self.job(loaded.job.id)
+
+    def _record(self, params: tuple[Any, ...]) -> None:
+        event_id = self.conn.execute(INSERT_EVENT, params).lastrowid
+        assert event_id is not None
+        self.events.append(job_event(event_id, params))
+
+    def insert_job(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        minter: Minter,
+        *,
+        attempt: int = 1,
+        retry_of: str | None = None,
+        pipeline_id: str | None = None,
+        needs: Sequence[str] = (),
+    ) -> Loaded:
+        """A new job: `pending` (with its deadlines running) unless it needs other jobs of its
+        pipeline, then `created` until `settle` finds them done. An external job gets its
+        continue credential now (it answers 409 not_ready until the job is pending)."""
+        state = State.CREATED if pipeline_id is not None and needs else State.PENDING
+        lifecycle = Lifecycle(
+            kind=spec.kind,
+            is_async=spec.is_async,
+            state=state,
+            timeout_s=spec.timeout_s,
+            callback_timeout_s=spec.callback_timeout_s,
+            heartbeat_timeout_s=spec.heartbeat_timeout_s,
+            queue_timeout_s=spec.queue_timeout_s,
+        )
+        deadlines = entry_deadlines(lifecycle, self.now)
+        earliest = deadlines.earliest()
+        credential = minter.mint(job_id) if spec.kind is Kind.EXTERNAL else None
+        if credential is not None:
+            self.credentials[job_id] = credential
+        self.conn.execute(
+            "INSERT INTO jobs (id, pipeline_id, name, kind, is_async, state, attempt, retry_of,"
+            " spec, needs, created_at, queued_at, execution_deadline_at, callback_deadline_at,"
+            " heartbeat_deadline_at, queue_deadline_at, deadline_at, token_nonce, token_hash,"
+            " event_sequence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+            (
+                job_id,
+                pipeline_id,
+                spec.name,
+                spec.kind.value,
+                int(spec.is_async),
+                state.value,
+                attempt,
+                retry_of,
+                ENCODE.encode(spec),
+                json.dumps(list(needs)) if needs else None,
+                self.now,
+                self.now if state is State.PENDING else None,
+                deadlines.execution,
+                deadlines.callback,
+                deadlines.heartbeat,
+                deadlines.queue,
+                None if earliest is None else earliest[0],
+                None if credential is None else credential.nonce,
+                None if credential is None else credential.token_hash,
+            ),
+        )
+        self._record(
+            (job_id, 1, state.value, None, None, "retry" if retry_of else "created", self.now)
+        )
+        if pipeline_id is not None:
+            self._touched.add(pipeline_id)
+        return self.job(job_id)
+
+    # -- pipelines -------------------------------------------------------------------------
+
+    def pipeline(self, pipeline_id: str) -> tuple[Pipeline, int]:
+        row = self.conn.execute(f"{SELECT_PIPELINE} WHERE id = ?", (pipeline_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no pipeline {pipeline_id}")
+        return load_pipeline(row)
+
+    def latest_jobs(self, pipeline: Pipeline) -> list[Loaded]:
+        """The latest attempt of each of the pipeline's jobs, in the order it defined them."""
+        rows = self.conn.execute(
+            f"{SELECT_JOB} WHERE pipeline_id = ? AND {LATEST_ATTEMPT}", (pipeline.id,)
+        ).fetchall()
+        order = {name: position for position, name in enumerate(pipeline.spec.jobs)}
+        return sorted((load_job(row) for row in rows), key=lambda lj: order.get(lj.job.name, 0))
+
+    def touch_pipeline(self, pipeline_id: str) -> None:
+        self._touched.add(pipeline_id)
+
+    def settle(self) -> None:
+        """Bring every pipeline a change touched up to date: jobs whose needs succeeded become
+        pending, jobs with a failed, canceled or skipped need are skipped (until nothing
+        moves), then the pipeline's derived state is stored with an event if it changed."""
+        while self._touched:
+            pipeline_id = self._touched.pop()
+            pipeline, sequence = self.pipeline(pipeline_id)
+            jobs = {lj.job.name: lj for lj in self.latest_jobs(pipeline)}
+            moved = True
+            while moved:
+                moved = False
+                for name, loaded in list(jobs.items()):
+                    if loaded.job.state is not State.CREATED:
+                        continue
+                    ready = readiness([jobs[need].job.state for need in loaded.job.needs])
+                    if ready is Readiness.READY:
+                        jobs[name] = self.apply(
+                            loaded, Trigger.NEEDS_MET, "needs", queued_at=self.now
+                        )
+                        moved = True
+                    elif ready is Readiness.DOOMED:
+                        jobs[name] = self.apply(loaded, Trigger.NEEDS_FAILED, "needs")
+                        moved = True
+            self._touched.discard(pipeline_id)
+            self._store_pipeline_state(pipeline, sequence, [lj.job for lj in jobs.values()])
+
+    def _store_pipeline_state(self, pipeline: Pipeline, sequence: int, jobs: list[Job]) -> None:
+        statuses = [
+            JobStatus(
+                name=job.name,
+                kind=job.kind,
+                is_async=job.is_async,
+                state=job.state,
+                started=job.started_at is not None,
+                needs=job.needs,
+            )
+            for job in jobs
+        ]
+        state = derive_state(statuses, canceled=pipeline.canceled)
+        if state is pipeline.state:
+            return
+        started = pipeline.started_at
+        if started is None and state not in (PipelineState.PENDING,):
+            started = self.now
+        self.conn.execute(
+            "UPDATE pipelines SET state = ?, started_at = ?, finished_at = ?, event_sequence = ?"
+            " WHERE id = ? AND event_sequence = ?",
+            (
+                state.value,
+                started,
+                self.now if state.terminal else None,
+                sequence + 1,
+                pipeline.id,
+                sequence,
+            ),
+        )
+        params = (pipeline.id, sequence + 1, state.value, pipeline.state.value, self.now)
+        event_id = self.conn.execute(
+            "INSERT INTO pipeline_events (pipeline_id, sequence, state, previous_state, at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            params,
+        ).lastrowid
+        assert event_id is not None
+        self.pipeline_events.append(
+            PipelineEvent(
+                id=event_id,
+                pipeline_id=pipeline.id,
+                sequence=sequence + 1,
+                state=state,
+                previous_state=pipeline.state,
+                at=self.now,
+            )
+        )
