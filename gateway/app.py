@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from gateway.api import continuation, jobs, ops
+from gateway.api import continuation, jobs, ops, pipelines, runner, runners
 from gateway.api.common import Context
 from gateway.api.openapi import build_openapi
 from gateway.auth import Authenticator
@@ -165,13 +165,21 @@ def create_app(
         try:
             yield
         finally:
+            ctx.wakeup.close()
             stop.set()
             if task is not None:
                 await task
             await store.close()
 
     app = Starlette(
-        routes=[*jobs.routes, *continuation.routes, *ops.routes],
+        routes=[
+            *jobs.routes,
+            *pipelines.routes,
+            *runners.routes,
+            *runner.routes,
+            *continuation.routes,
+            *ops.routes,
+        ],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,

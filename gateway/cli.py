@@ -7,6 +7,7 @@ Client commands talk HTTP to a running gateway (`--url`, `GATEWAY_URL`) with an 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import httpx
 
 from gateway import __version__, runner
+from gateway.api.common import WakeUp
 from gateway.config import DEFAULT_DATA_DIR, Settings
 from gateway.errors import ConfigError, StoreError
 from gateway.keys import ADMIN_TOKEN_FILE
@@ -159,9 +161,28 @@ def _serve(args: argparse.Namespace) -> int:
     # a clean stop exit 0 instead of dying by that signal.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    _gateway_server(config, app.state.ctx.wakeup).run(sockets=[sock])
     print("gateway stopped", flush=True)
     return 0
+
+
+def _gateway_server(config: Any, wakeup: WakeUp) -> Any:
+    """A uvicorn server that releases long polls the moment a stop is asked for: the graceful
+    shutdown waits for open requests, and a runner's long poll would hold it up to a minute."""
+    import uvicorn
+
+    class GatewayServer(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            self._gateway_loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            loop = getattr(self, "_gateway_loop", None)
+            if loop is not None:
+                loop.call_soon_threadsafe(wakeup.close)
+            super().handle_exit(sig, frame)
+
+    return GatewayServer(config)
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:

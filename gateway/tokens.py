@@ -19,6 +19,8 @@ from itsdangerous import BadSignature, Signer
 NONCE_BYTES = 16
 MATERIAL_BYTES = 24  # 192 bits: above the 128 the contract asks for
 API_TOKEN_PREFIX = "gw_"
+RUNNER_TOKEN_PREFIX = "gwr_"
+JOB_TOKEN_PREFIX = "gwj_"
 
 
 def token_hash(token: str) -> bytes:
@@ -32,6 +34,15 @@ def new_secret(nbytes: int = 32) -> str:
 
 def new_api_token() -> str:
     return API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_runner_token() -> str:
+    return RUNNER_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_job_token() -> str:
+    """A job token: valid on the runner routes of one job while it is handed out or running."""
+    return JOB_TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def key_fingerprint(secret_key: str) -> str:

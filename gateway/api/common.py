@@ -54,10 +54,16 @@ class WakeUp:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.closed = False
 
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
+
+    def close(self) -> None:
+        """The server is stopping: release every waiter now and for good."""
+        self.closed = True
+        self.notify()
 
     async def wait(self, timeout_s: float) -> bool:
         """True when woken, False when `timeout_s` passed first."""

@@ -7,7 +7,8 @@ from typing import Any
 import msgspec
 
 from gateway import __version__
-from gateway.models import ContinueBody, JobSpec
+from gateway.models import ContinueBody, JobSpec, PipelineSpec, RunnerSpec
+from gateway.pipelines import PipelineState
 from gateway.states import FailureReason, State
 
 _REF = "#/components/schemas/{name}"
@@ -103,6 +104,70 @@ _WIRE_SCHEMAS: dict[str, Any] = {
         },
     },
     "Status": {"type": "object", "properties": {"status": {"type": "string"}}},
+    "Pipeline": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "state": {"type": "string", "enum": [s.value for s in PipelineState]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "started_at": _TIME,
+            "finished_at": _TIME,
+            "variables": {"type": "object"},
+            "jobs": {"type": "array", "items": _ref("Job")},
+        },
+    },
+    "PipelineList": {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": _ref("Pipeline")},
+            "next_cursor": _STR,
+        },
+    },
+    "Runner": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "description": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "run_untagged": {"type": "boolean"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "last_seen_at": _TIME,
+            "running_job_ids": {"type": "array", "items": {"type": "string"}},
+            "token": {"type": "string", "description": "only in the answer to registration"},
+        },
+    },
+    "RunnerList": {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": _ref("Runner")}, "next_cursor": _STR},
+    },
+    "HandOut": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "pipeline_id": _STR,
+            "attempt": {"type": "integer"},
+            "async": {"type": "boolean"},
+            "script": {"type": "array", "items": {"type": "string"}},
+            "timeout_s": _nullable({"type": "integer"}),
+            "token": {"type": "string", "description": "the job token (Job-Token header)"},
+            "heartbeat_interval_s": {"type": "integer"},
+            "variables": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "key": {"type": "string"},
+                        "value": {"type": "string"},
+                        "masked": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    },
+    "JobState": {"type": "object", "properties": {"state": {"type": "string"}}},
+    "TraceSize": {"type": "object", "properties": {"size": {"type": "integer"}}},
 }
 
 
@@ -160,7 +225,11 @@ _PAGE = [
 
 def build_openapi() -> dict[str, Any]:
     """The whole document for `/openapi.json`."""
-    _, request_schemas = msgspec.json.schema_components([JobSpec, ContinueBody], ref_template=_REF)
+    from gateway.api.runner import JobRequest, JobUpdate
+
+    _, request_schemas = msgspec.json.schema_components(
+        [JobSpec, ContinueBody, PipelineSpec, RunnerSpec, JobRequest, JobUpdate], ref_template=_REF
+    )
     continue_call = _op(
         "Finish the job (the terminal call)",
         (200, "ContinueResult"),
@@ -232,6 +301,78 @@ def build_openapi() -> dict[str, Any]:
         "/continue/{token}/start": _retitle(touch, "Mark an external job running"),
         "/continue/{token}/heartbeat": _retitle(touch, "Push the heartbeat deadline"),
         "/continue/{token}/log": _retitle(touch, "Append text to the job's trace"),
+        "/api/v1/pipelines": {
+            "post": _op(
+                "Create a pipeline (a DAG of jobs)",
+                (201, "Pipeline"),
+                (400, 401, 413, 422),
+                body="PipelineSpec",
+            ),
+            "get": _op(
+                "List pipelines, newest first",
+                (200, "PipelineList"),
+                (400, 401),
+                params=[
+                    _query("state", {"type": "string", "enum": [s.value for s in PipelineState]}),
+                    *_PAGE,
+                ],
+            ),
+        },
+        "/api/v1/pipelines/{pipeline_id}": {
+            "get": _op(
+                "Get a pipeline with the latest attempt of each job",
+                (200, "Pipeline"),
+                (401, 404),
+                params=[_path_param("pipeline_id")],
+            )
+        },
+        "/api/v1/pipelines/{pipeline_id}/cancel": {
+            "post": _op(
+                "Cancel a pipeline and its unfinished jobs",
+                (200, "Pipeline"),
+                (401, 404, 409),
+                params=[_path_param("pipeline_id")],
+            )
+        },
+        "/api/v1/runners": {
+            "post": _op(
+                "Register a runner (its token is shown only here)",
+                (201, "Runner"),
+                (400, 401, 413, 422),
+                body="RunnerSpec",
+            ),
+            "get": _op("List runners", (200, "RunnerList"), (400, 401), params=_PAGE),
+        },
+        "/api/v1/runners/{runner_id}": {
+            "delete": _op(
+                "Revoke a runner", (204, None), (401, 404), params=[_path_param("runner_id")]
+            )
+        },
+        "/api/v1/runner/jobs/request": {
+            "post": _runner_op(
+                "Long poll for a job (runner token)",
+                (201, "HandOut"),
+                (400, 401, 422),
+                body="JobRequest",
+            )
+        },
+        "/api/v1/runner/jobs/{job_id}": {
+            "put": _runner_op(
+                "Confirm, keep alive, or report the exit (Job-Token)",
+                (200, "JobState"),
+                (400, 401, 403, 409, 422),
+                body="JobUpdate",
+                params=[*_JOB, _header("Job-Token")],
+            )
+        },
+        "/api/v1/runner/jobs/{job_id}/trace": {
+            "patch": _runner_op(
+                "Append to the trace (Job-Token, Content-Range)",
+                (202, "TraceSize"),
+                (400, 401, 403, 409, 413, 416),
+                params=[*_JOB, _header("Job-Token"), _header("Content-Range")],
+            )
+        },
         "/healthz": {"get": _op("Liveness", (200, "Status"), (), auth=False)},
         "/readyz": {
             "get": _op("Readiness (the database answers)", (200, "Status"), (503,), auth=False)
@@ -248,9 +389,33 @@ def build_openapi() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": {**request_schemas, **_WIRE_SCHEMAS},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "runner": {"type": "http", "scheme": "bearer", "description": "a runner token"},
+            },
         },
     }
+
+
+def _header(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+
+
+def _runner_op(
+    summary: str,
+    ok: tuple[int, str | None],
+    errors: tuple[int, ...],
+    *,
+    body: str | None = None,
+    params: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A runner route: its answers carry `Job-Status`; it takes runner or job tokens only."""
+    op = _op(summary, ok, errors, body=body, params=params)
+    op["security"] = [{"runner": []}]
+    op["responses"][str(ok[0])]["headers"] = {
+        "Job-Status": {"schema": {"type": "string"}, "description": "the job's state"}
+    }
+    return op
 
 
 def _retitle(path_item: dict[str, Any], summary: str) -> dict[str, Any]:
