@@ -1,0 +1,145 @@
+"""The private-address guard: webhooks reach only globally routable addresses, unless a CIDR
+in `GATEWAY_WEBHOOK_ALLOW_NETS` opens a range.
+
+Two checks: a literal address (or `localhost`) in a subscription's URL is refused at once with
+422, and every connection is checked against the address it actually dials (a name is resolved
+at connect time, so a DNS answer pointing inside cannot sneak past). Redirects are never
+followed by the dispatcher, so a public URL cannot bounce a delivery inside.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Ranges `is_global` lets through but that can reach inside (NAT64 and 6to4 embed IPv4).
+_EMBEDDING = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("2002::/16"))
+
+
+class BlockedAddress(httpx.ConnectError):
+    """A delivery whose destination is not globally routable."""
+
+
+def parse_networks(text: str | None) -> tuple[IPNetwork, ...]:
+    """`GATEWAY_WEBHOOK_ALLOW_NETS`: comma-separated CIDRs; ValueError names a bad one."""
+    if not text:
+        return ()
+    networks = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(f"not a CIDR: {part!r}") from None
+    return tuple(networks)
+
+
+def _unwrap(address: IPAddress) -> IPAddress:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_allowed(address: IPAddress, allow: Sequence[IPNetwork]) -> bool:
+    """Whether a delivery may connect to `address`."""
+    address = _unwrap(address)
+    if any(address in network for network in allow):
+        return True
+    if address.is_multicast or not address.is_global:
+        return False
+    return not any(address in network for network in _EMBEDDING)
+
+
+def refusal(url: str, allow: Sequence[IPNetwork]) -> str | None:
+    """Why a webhook URL is refused as given (a bad scheme, `localhost`, a private literal
+    address), or None. Names are checked again, by address, when a delivery connects."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "must be an http:// or https:// URL with a host"
+    if parts.username or parts.password:
+        return "must not carry credentials"
+    if host == "localhost" or host.endswith(".localhost"):
+        if any(ipaddress.ip_address("127.0.0.1") in n for n in allow):
+            return None
+        return "points at this machine (localhost)"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not is_allowed(address, allow):
+        return f"points at a non-public address ({address})"
+    return None
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Resolves the host itself and dials only addresses the guard allows."""
+
+    def __init__(self, allow: Sequence[IPNetwork]) -> None:
+        self._allow = tuple(allow)
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's signature
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        import anyio
+
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        allowed = [a for a in addresses if is_allowed(a, self._allow)]
+        if not allowed:
+            raise BlockedAddress(f"{host} resolves only to non-public addresses")
+        last: Exception | None = None
+        for address in allowed:
+            try:
+                return await self._inner.connect_tcp(
+                    str(address), port, timeout, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's signature
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise BlockedAddress("unix sockets are not webhook destinations")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport with the guarded backend under its connection pool (httpx exposes no
+    `network_backend` option, so the pool is rebuilt with the same limits)."""
+
+    def __init__(self, allow: Sequence[IPNetwork], limits: httpx.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(allow),
+        )
