@@ -70,13 +70,17 @@ def parse_duration(value: Any) -> int:
         raise ValueError("not a duration (say 90, 90s, 15m or 2h)")
     text, position, total = value.strip().lower(), 0, 0
     if text.isdigit():
-        return int(text)
+        if int(text) > 0:
+            return int(text)
+        raise ValueError(f"{value!r} is not a positive duration")
     while position < len(text):
         match = _DURATION_PART.match(text, position)
         if match is None:
             raise ValueError(f"cannot read {value!r} as a duration (say 90s, 15m or 2h)")
         unit = match.group(2)
-        seconds = _DURATIONS.get(unit) or _DURATIONS.get(unit.removesuffix("s"))
+        seconds = _DURATIONS.get(unit)
+        if seconds is None and len(unit) > 3 and unit.endswith("s"):  # plurals: `ms` is no `m`
+            seconds = _DURATIONS.get(unit[:-1])
         if seconds is None:
             raise ValueError(f"unknown unit {unit!r} in {value!r}")
         total += int(match.group(1)) * seconds
@@ -99,8 +103,12 @@ def load_pipeline(text: str, filename: str = "pipeline.yml") -> dict[str, Any]:
     body: dict[str, Any] = {"jobs": {}}
     job_nodes: dict[str, yaml.Node] = {}
     for key_node, value_node in root.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise PipelineFileError(f"{_where(filename, key_node)}: a job name is a plain string")
         key = key_node.value
         if key in RESERVED:
+            if key in body:
+                raise PipelineFileError(f"{_where(filename, key_node)}: `{key}` is given twice")
             body[key] = _plain(value_node)
             continue
         if key in body["jobs"]:
@@ -114,7 +122,7 @@ def load_pipeline(text: str, filename: str = "pipeline.yml") -> dict[str, Any]:
     try:
         check_dag({name: job.get("needs", []) for name, job in body["jobs"].items()})
     except InvalidField as exc:
-        culprit = next((n for n in job_nodes if f"`{n}`" in exc.detail), None)
+        culprit = next((n for n in job_nodes if exc.detail.startswith(f"job `{n}`")), None)
         where = _where(filename, job_nodes[culprit]) if culprit else filename
         raise PipelineFileError(f"{where}: {exc.detail}") from None
     return body
@@ -127,6 +135,8 @@ def _job(filename: str, name: str, node: yaml.Node) -> dict[str, Any]:
     for key_node, value_node in node.value:
         key, value = key_node.value, _plain(value_node)
         where = _where(filename, key_node)
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise PipelineFileError(f"{where}: job `{name}` has a key that is not a string")
         if key == "script":
             lines = [value] if isinstance(value, str) else value
             if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
