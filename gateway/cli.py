@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     cont.add_argument("--idempotency-key", help="default: a fresh one, reused on retries")
     cont.set_defaults(run=_continue)
     runner.add_commands(commands)
+    from gateway import pipeline_cli
+
+    pipeline_cli.add_commands(commands)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -105,11 +106,15 @@ async def retry_job(request: Request) -> Response:
     return json(body, 201)
 
 
-def secrets_of(ctx: Context, job: Job) -> list[bytes]:
-    """Values masked when the job's trace is read: its continue token and masked variables."""
+def secrets_of(
+    ctx: Context, job: Job, pipeline_variables: Mapping[str, str | Variable] | None = None
+) -> list[bytes]:
+    """Values masked when the job's trace is read: its continue token and the masked variables
+    of the job and of its pipeline."""
+    variables = [*(pipeline_variables or {}).values(), *job.spec.variables.values()]
     found = [
         value.value.encode()
-        for value in job.spec.variables.values()
+        for value in variables
         if isinstance(value, Variable) and value.masked and value.value
     ]
     if job.token_nonce is not None:
@@ -130,7 +135,8 @@ async def read_trace(request: Request) -> Response:
     # Read a little before `offset` so a secret straddling it is still recognised.
     start = max(0, offset - _MASK_WINDOW)
     raw = await ctx.store.read_trace(job.id, start)
-    secrets = secrets_of(ctx, job)
+    pipeline = None if job.pipeline_id is None else await ctx.store.get_pipeline(job.pipeline_id)
+    secrets = secrets_of(ctx, job, None if pipeline is None else pipeline.pipeline.spec.variables)
     head = mask(raw[: offset - start], secrets)
     whole = mask(raw, secrets)
     return PlainTextResponse(

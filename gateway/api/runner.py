@@ -26,7 +26,7 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.models import ExitCode, HandOut, Runner, Variable, decode_body
-from gateway.states import FailureReason, State
+from gateway.states import RUNNER_REPORTABLE_REASONS, FailureReason, State
 from gateway.tokens import new_job_token, token_hash
 
 MAX_WAIT_S = 60
@@ -167,6 +167,11 @@ async def update_job(request: Request) -> Response:
             raise InvalidField("`success` cannot carry a non-zero `exit_code`")
         if update.state == "success" and update.failure_reason is not None:
             raise InvalidField("`failure_reason` is only for `failed`")
+        if update.failure_reason not in (None, *RUNNER_REPORTABLE_REASONS):
+            raise InvalidField(
+                "a runner may report only `script_failure`, `job_execution_timeout` or"
+                " `runner_system_failure`"
+            )
         transition = await ctx.store.finish_script(
             job_id,
             job_token,

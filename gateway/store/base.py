@@ -68,6 +68,7 @@ class Changes:
     pipeline_events: list[PipelineEvent] = field(default_factory=list)
     credentials: dict[str, ContinueCredential] = field(default_factory=dict)
     requeued: int = 0
+    deliveries: int = 0
 
     @property
     def makes_jobs_pending(self) -> bool:

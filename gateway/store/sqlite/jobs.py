@@ -272,9 +272,11 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
     if not rows:
         return Sweep(changes=tx.changes(), fired=0, oldest_deadline_at=None)
     updates, inserts = [], []
+    before: dict[str, Job] = {}
     oldest = None
     for row in rows:
         loaded = load_job(row)
+        before[loaded.job.id] = loaded.job
         if oldest is None:
             oldest = loaded.job.deadline_at
         change = advance(tx.lifecycle(loaded.job), Trigger.DEADLINE, tx.now)
@@ -294,6 +296,6 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
             "SELECT seq FROM sqlite_sequence WHERE name = 'job_events'"
         ).fetchone()[0]
         first = last - len(inserts) + 1
-        tx.events.extend(job_event(first + i, p) for i, p in enumerate(inserts))
+        tx.record_swept([job_event(first + i, p) for i, p in enumerate(inserts)], before)
     tx.settle()
     return Sweep(changes=tx.changes(), fired=len(rows), oldest_deadline_at=oldest)

@@ -20,6 +20,10 @@ def create_pipeline(
         "INSERT INTO pipelines (id, name, state, spec, created_at) VALUES (?, ?, ?, ?, ?)",
         (pipeline_id, spec.name, PipelineState.PENDING.value, ENCODE.encode(spec), tx.now),
     )
+    if spec.state_webhook_url:
+        tx.add_implicit_endpoint(
+            spec.state_webhook_url, spec.state_webhook_secret, pipeline_id=pipeline_id
+        )
     for name, job in spec.jobs.items():
         tx.insert_job(
             job_ids[name], job.job_spec(name), minter, pipeline_id=pipeline_id, needs=job.needs

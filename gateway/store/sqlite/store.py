@@ -21,6 +21,7 @@ from gateway.errors import GatewayError, MalformedRequest, StoreError
 from gateway.models import (
     ContinueCall,
     HandOut,
+    IdGenerator,
     Job,
     JobEvent,
     JobSpec,
@@ -58,6 +59,7 @@ class SQLiteStore:
     def __init__(self, path: Path, policy: Policy | None = None) -> None:
         self._path = path
         self._policy = policy or Policy()
+        self._ids = IdGenerator()
         self._db: aiosqlite.Connection | None = None
 
     async def open(self) -> None:
@@ -86,12 +88,12 @@ class SQLiteStore:
     async def _transact(self, verb: Callable[[Tx], T], now: float) -> T:
         """Run `verb` inside BEGIN IMMEDIATE ... COMMIT on the connection thread (one hop);
         any exception rolls back, so a raising verb changes nothing."""
-        policy = self._policy
+        policy, ids = self._policy, self._ids
 
         def run(conn: sqlite3.Connection) -> T:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = verb(Tx(conn, policy, now))
+                result = verb(Tx(conn, policy, now, lambda: ids.new(now)))
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -99,6 +101,10 @@ class SQLiteStore:
             return result
 
         return await self._run(run)
+
+    @staticmethod
+    def _no_ids() -> str:
+        raise StoreError("a read-only verb made an id")
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -228,7 +234,7 @@ class SQLiteStore:
             row = tx.conn.execute("SELECT 1 FROM pipelines WHERE id = ?", (pipeline_id,)).fetchone()
             return None if row is None else pipelines.view(tx, pipeline_id)
 
-        return await self._run(lambda conn: get(Tx(conn, self._policy, 0.0)))
+        return await self._run(lambda conn: get(Tx(conn, self._policy, 0.0, self._no_ids)))
 
     async def list_pipelines(
         self, *, state: PipelineState | None, limit: int, cursor: str | None

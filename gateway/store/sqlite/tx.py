@@ -9,9 +9,10 @@ credentials).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from gateway.states import (
     entry_deadlines,
 )
 from gateway.store.base import Changes, Minter, Policy
+from gateway.store.sqlite.outbox import Outbox
 from gateway.tokens import ContinueCredential
 
 JOB_COLUMNS = (
@@ -207,10 +209,15 @@ def event_params(loaded: Loaded, change: Change, cause: str, now: float) -> tupl
 class Tx:
     """The bookkeeping of one transaction; see the module docstring."""
 
-    def __init__(self, conn: sqlite3.Connection, policy: Policy, now: float) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, policy: Policy, now: float, new_id: Callable[[], str]
+    ) -> None:
         self.conn = conn
         self.policy = policy
         self.now = now
+        self.new_id = new_id
+        self.outbox = Outbox(conn, new_id, now)
+        self._pipeline_urls: dict[str, bool] = {}
         self.events: list[JobEvent] = []
         self.pipeline_events: list[PipelineEvent] = []
         self.credentials: dict[str, ContinueCredential] = {}
@@ -223,6 +230,7 @@ class Tx:
             pipeline_events=self.pipeline_events,
             credentials=self.credentials,
             requeued=self.requeued,
+            deliveries=self.outbox.deliveries,
         )
 
     # -- jobs ------------------------------------------------------------------------------
@@ -270,16 +278,53 @@ class Tx:
         cursor = self.conn.execute(sql, params[:-3] + tuple(columns.values()) + params[-3:])
         if cursor.rowcount != 1:
             raise StateConflict("the job changed concurrently; try again")
+        after = self.job(loaded.job.id)
         if change.transitioned:
-            self._record(event_params(loaded, change, cause, self.now))
+            self._record(event_params(loaded, change, cause, self.now), loaded.job, after.job)
             if loaded.job.pipeline_id is not None:
                 self._touched.add(loaded.job.pipeline_id)
-        return self.job(loaded.job.id)
+        return after
 
-    def _record(self, params: tuple[Any, ...]) -> None:
+    def _record(self, params: tuple[Any, ...], before: Job, after: Job) -> None:
         event_id = self.conn.execute(INSERT_EVENT, params).lastrowid
         assert event_id is not None
-        self.events.append(job_event(event_id, params))
+        event = job_event(event_id, params)
+        self.events.append(event)
+        self.outbox.job_event(event, before, lambda: after, self.pipeline_has_url)
+
+    def record_swept(self, events: list[JobEvent], before: dict[str, Job]) -> None:
+        """Queue the webhooks of events the sweep wrote in bulk (snapshots read on demand)."""
+        self.events.extend(events)
+        for event in events:
+            snapshot = functools.partial(self._job_snapshot, event.job_id)
+            self.outbox.job_event(event, before[event.job_id], snapshot, self.pipeline_has_url)
+
+    def _job_snapshot(self, job_id: str) -> Job:
+        return self.job(job_id).job
+
+    def pipeline_has_url(self, pipeline_id: str) -> bool:
+        """Whether a pipeline has a state_webhook_url (read once per transaction)."""
+        if pipeline_id not in self._pipeline_urls:
+            self._pipeline_urls[pipeline_id] = bool(
+                self.pipeline(pipeline_id)[0].spec.state_webhook_url
+            )
+        return self._pipeline_urls[pipeline_id]
+
+    def add_implicit_endpoint(
+        self,
+        url: str,
+        secret: str | None,
+        *,
+        job_id: str | None = None,
+        pipeline_id: str | None = None,
+    ) -> None:
+        """A job's or pipeline's `state_webhook_url`: a subscription to its own events (and a
+        pipeline's jobs' events), signed with its own secret or else the server's."""
+        self.conn.execute(
+            "INSERT INTO webhook_endpoints (id, url, events, owner_job_id, owner_pipeline_id,"
+            " secret, created_at) VALUES (?, ?, '[]', ?, ?, ?, ?)",
+            (self.new_id(), url, job_id, pipeline_id, secret, self.now),
+        )
 
     def insert_job(
         self,
@@ -337,12 +382,18 @@ class Tx:
                 None if credential is None else credential.token_hash,
             ),
         )
+        if spec.state_webhook_url:
+            self.add_implicit_endpoint(
+                spec.state_webhook_url, spec.state_webhook_secret, job_id=job_id
+            )
+        inserted = self.job(job_id)
+        cause = "retry" if retry_of else "created"
         self._record(
-            (job_id, 1, state.value, None, None, "retry" if retry_of else "created", self.now)
+            (job_id, 1, state.value, None, None, cause, self.now), inserted.job, inserted.job
         )
         if pipeline_id is not None:
             self._touched.add(pipeline_id)
-        return self.job(job_id)
+        return inserted
 
     # -- pipelines -------------------------------------------------------------------------
 
@@ -426,13 +477,13 @@ class Tx:
             params,
         ).lastrowid
         assert event_id is not None
-        self.pipeline_events.append(
-            PipelineEvent(
-                id=event_id,
-                pipeline_id=pipeline.id,
-                sequence=sequence + 1,
-                state=state,
-                previous_state=pipeline.state,
-                at=self.now,
-            )
+        event = PipelineEvent(
+            id=event_id,
+            pipeline_id=pipeline.id,
+            sequence=sequence + 1,
+            state=state,
+            previous_state=pipeline.state,
+            at=self.now,
         )
+        self.pipeline_events.append(event)
+        self.outbox.pipeline_event(event, self.pipeline(pipeline.id)[0], jobs)

@@ -1,0 +1,162 @@
+"""The webhook outbox on SQLite: in the transaction that records an event, one message (its
+frozen body) and one delivery per matching endpoint. Nothing is sent here; the dispatcher
+claims due deliveries later, so a crash at any point loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.models import Job, JobEvent, Pipeline, PipelineEvent, job_to_wire, pipeline_to_wire
+from gateway.webhooks import events as wire
+
+ENDPOINT_COLUMNS = "id, url, events, pipeline_id, owner_job_id, owner_pipeline_id, enabled"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What matching needs to know of an endpoint."""
+
+    id: str
+    patterns: tuple[str, ...]
+    pipeline_id: str | None
+    enabled: bool
+
+
+def _target(row: Sequence[Any]) -> Target:
+    return Target(
+        id=row[0], patterns=tuple(json.loads(row[2])), pipeline_id=row[3], enabled=bool(row[6])
+    )
+
+
+class Outbox:
+    """Per-transaction access to endpoints (explicit ones read once) and message writing."""
+
+    def __init__(self, conn: sqlite3.Connection, new_id: Callable[[], str], now: float) -> None:
+        self._conn = conn
+        self._new_id = new_id
+        self._now = now
+        self._explicit: list[Target] | None = None
+        self.deliveries = 0
+
+    def _explicit_targets(self) -> list[Target]:
+        if self._explicit is None:
+            rows = self._conn.execute(
+                f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE owner_job_id IS NULL"
+                " AND owner_pipeline_id IS NULL AND deleted_at IS NULL"
+            ).fetchall()
+            self._explicit = [_target(row) for row in rows]
+        return self._explicit
+
+    def _owned(self, column: str, owner_id: str) -> list[Target]:
+        rows = self._conn.execute(
+            f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE {column} = ?"
+            " AND deleted_at IS NULL",
+            (owner_id,),
+        ).fetchall()
+        return [_target(row) for row in rows]
+
+    def _targets(
+        self, event_type: str, pipeline_id: str | None, owners: list[tuple[str, str]]
+    ) -> list[Target]:
+        found = [
+            t
+            for t in self._explicit_targets()
+            if t.pipeline_id is None or t.pipeline_id == pipeline_id
+        ]
+        for column, owner_id in owners:
+            found += self._owned(column, owner_id)
+        return [t for t in found if wire.matches(t.patterns, event_type)]
+
+    def job_event(
+        self,
+        event: JobEvent,
+        job: Job,
+        snapshot: Callable[[], Job],
+        pipeline_has_url: Callable[[str], bool],
+    ) -> None:
+        """Queue `event` of `job` (as it was before the event: only its id, spec and pipeline
+        are read) for every endpoint that wants it; `snapshot`, the job after the event, is
+        read only when one does."""
+        event_type = f"job.{event.state.value}"
+        owners: list[tuple[str, str]] = []
+        if job.spec.state_webhook_url:
+            owners.append(("owner_job_id", job.id))
+        if job.pipeline_id is not None and pipeline_has_url(job.pipeline_id):
+            owners.append(("owner_pipeline_id", job.pipeline_id))
+        targets = self._targets(event_type, job.pipeline_id, owners)
+        if not targets:
+            return
+        after = snapshot()
+        data = {
+            **job_to_wire(after),
+            "previous_state": None if event.previous_state is None else event.previous_state.value,
+            "sequence": event.sequence,
+        }
+        self._write(
+            wire.message_id("job", job.id, event.sequence),
+            event_type,
+            wire.body(event_type, event.at, data),
+            targets,
+            job_id=job.id,
+            pipeline_id=job.pipeline_id,
+        )
+
+    def pipeline_event(self, event: PipelineEvent, pipeline: Pipeline, jobs: list[Job]) -> None:
+        event_type = f"pipeline.{event.state.value}"
+        owners = [("owner_pipeline_id", pipeline.id)] if pipeline.spec.state_webhook_url else []
+        targets = self._targets(event_type, pipeline.id, owners)
+        if not targets:
+            return
+        data = {
+            **pipeline_to_wire(pipeline, jobs),
+            "state": event.state.value,
+            "previous_state": None if event.previous_state is None else event.previous_state.value,
+            "sequence": event.sequence,
+        }
+        self._write(
+            wire.message_id("pipeline", pipeline.id, event.sequence),
+            event_type,
+            wire.body(event_type, event.at, data),
+            targets,
+            job_id=None,
+            pipeline_id=pipeline.id,
+        )
+
+    def _write(
+        self,
+        message_id: str,
+        event_type: str,
+        body: bytes,
+        targets: list[Target],
+        *,
+        job_id: str | None,
+        pipeline_id: str | None,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO webhook_messages (id, event_type, job_id, pipeline_id, body, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (message_id, event_type, job_id, pipeline_id, body, self._now),
+        )
+        self._conn.executemany(
+            "INSERT INTO webhook_deliveries (id, message_id, endpoint_id, job_id, state,"
+            " next_attempt_at, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    self._new_id(),
+                    message_id,
+                    target.id,
+                    job_id,
+                    "pending" if target.enabled else "skipped",
+                    self._now if target.enabled else None,
+                    self._now,
+                    None if target.enabled else self._now,
+                )
+                for target in targets
+            ],
+        )
+        self.deliveries += sum(1 for t in targets if t.enabled)
