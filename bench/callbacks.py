@@ -1,6 +1,7 @@
 """Benchmark of the callback hot path, memory with many parked jobs, and the deadline sweep.
 
-Run: `.venv/bin/python bench/callbacks.py [--jobs N] [--clients C] [--quick] [--json PATH]`.
+Run: `.venv/bin/python bench/callbacks.py [--jobs N] [--clients C] [--quick] [--json PATH]
+[--pin]`.
 Everything is measured in one run and summarised in a table at the end:
 
 1. Hot path through the real gateway: a `gateway serve` subprocess; N external jobs parked
@@ -21,6 +22,11 @@ The load generator runs in its own process (asyncio + uvloop, a minimal HTTP/1.1
 client over raw sockets, so its CPU cost per request stays small); it only ever talks to
 127.0.0.1, and every loop is bounded in count and time. Goals come from the performance issue
 and are reported, not enforced: the exit code is non-zero only when a correctness check fails.
+
+`--pin` is a diagnostic: the gateway runs two busy threads (event loop and aiosqlite's
+connection thread) that hand the GIL back and forth on every callback; when the scheduler puts
+them on different cores, every hand-off crosses cores and the hot path runs at about half speed.
+Pinning the servers to one CPU (and the load generator to the other) removes that mode.
 """
 
 from __future__ import annotations
@@ -207,9 +213,12 @@ def _load_in_child(
 class LoadGenerator:
     """A separate process that fires prepared requests at a server on loopback."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: set[int] | None = None) -> None:
         self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=None if cpus is None else os.sched_setaffinity,
+            initargs=() if cpus is None else (0, cpus),
         )
 
     def run(
@@ -375,6 +384,7 @@ class Results:
     jobs: int
     clients: int
     parked: int
+    pinned: bool = False
     create_per_s: float = 0.0
     create_p99_ms: float = 0.0
     gateway: HotPath | None = None
@@ -792,11 +802,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parked", type=int, help="parked jobs for RSS (1M; quick 100k)")
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="diagnostic: servers (and the sweep) on CPU 0, the load generator on CPU 1",
+    )
     args = parser.parse_args(argv)
     results = Results(
         jobs=args.jobs or (2_000 if args.quick else 20_000),
         clients=args.clients,
         parked=args.parked or (100_000 if args.quick else 1_000_000),
+        pinned=args.pin,
     )
     sys.path.insert(0, str(ROOT / "bench"))
     print(
@@ -805,7 +821,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" code {describe_checkout()}"
     )
     started = time.perf_counter()
-    loadgen = LoadGenerator()
+    loadgen_cpus = None
+    if args.pin:
+        # Servers inherit this process's affinity; the load generator gets the other CPU.
+        os.sched_setaffinity(0, {0})
+        loadgen_cpus = {1}
+        print("pinned: servers and the sweep on CPU 0, the load generator on CPU 1")
+    loadgen = LoadGenerator(loadgen_cpus)
     try:
         with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
             work = Path(tmp)
