@@ -23,6 +23,7 @@ from gateway.errors import (
     IllegalTransition,
     InvalidField,
     MalformedRequest,
+    RangeNotSatisfiable,
     Unauthorized,
 )
 from gateway.models import ExitCode, HandOut, Runner, Variable, decode_body
@@ -201,7 +202,12 @@ async def append_trace(request: Request) -> Response:
             f"`Content-Range` {start}-{last} announces {last - start + 1} bytes; the body has"
             f" {len(data)}"
         )
-    appended = await ctx.store.append_trace(job_id, job_token, start, data, ctx.clock.now())
+    try:
+        appended = await ctx.store.append_trace(job_id, job_token, start, data, ctx.clock.now())
+    except RangeNotSatisfiable as exc:
+        # Offsets are compared only once the job is known to be running.
+        exc.added_headers["Job-Status"] = State.RUNNING.value
+        raise
     ctx.publish(appended.changes)
     return _with_status(
         appended.job.state,

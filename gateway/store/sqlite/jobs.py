@@ -10,7 +10,7 @@ from typing import Any
 from gateway.errors import AlreadyFinal, GatewayError, NotFound, NotLatestAttempt, StateConflict
 from gateway.models import ContinueCall, Job, JobEvent, JobSpec, Page
 from gateway.pipelines import downstream
-from gateway.states import Flavor, State, Trigger, advance
+from gateway.states import FailureReason, Flavor, State, Trigger, advance
 from gateway.store.base import (
     ContinueOutcome,
     ContinueResult,
@@ -199,7 +199,12 @@ def consume_continue(
         raise call
     job = loaded.job
     if job.state.terminal:
-        if _is_repeat(loaded, call):
+        # An early call that a script failure, cancel or deadline overrode finished nothing:
+        # its repeat learns why (409), it does not replay.
+        finished_by_call = (
+            job.state is State.SUCCESS or job.failure_reason is FailureReason.CALLBACK_FAILURE
+        )
+        if finished_by_call and _is_repeat(loaded, call):
             return ContinueResult(ContinueOutcome.REPLAYED, job, tx.changes())
         raise AlreadyFinal(job.state, job.failure_reason)
     if tx.lifecycle(job).takes_early_callback:
