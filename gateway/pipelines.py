@@ -50,23 +50,28 @@ def check_dag(needs: Mapping[str, Sequence[str]]) -> list[str]:
                 raise InvalidField(f"job `{name}` lists `{need}` twice in `needs`")
             seen.add(need)
     order: list[str] = []
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-
-    def visit(name: str, path: list[str]) -> None:
-        if state.get(name) == 2:
-            return
-        if state.get(name) == 1:
-            cycle = [*path[path.index(name) :], name]
-            path_text = " -> ".join(f"`{n}`" for n in cycle)
-            raise InvalidField(f"job `{name}` is in a cycle of needs: {path_text}")
-        state[name] = 1
-        for need in needs[name]:
-            visit(need, [*path, name])
-        state[name] = 2
-        order.append(name)
-
-    for name in needs:
-        visit(name, [])
+    done: set[str] = set()
+    # Depth-first without recursion: a long chain of needs must not hit the recursion limit.
+    for root in needs:
+        if root in done:
+            continue
+        path, on_path, unvisited = [root], {root}, [iter(needs[root])]
+        while path:
+            upstream = next(unvisited[-1], None)
+            if upstream is None:
+                finished = path.pop()
+                unvisited.pop()
+                on_path.discard(finished)
+                done.add(finished)
+                order.append(finished)
+            elif upstream in on_path:
+                cycle = [*path[path.index(upstream) :], upstream]
+                path_text = " -> ".join(f"`{n}`" for n in cycle)
+                raise InvalidField(f"job `{upstream}` is in a cycle of needs: {path_text}")
+            elif upstream not in done:
+                path.append(upstream)
+                on_path.add(upstream)
+                unvisited.append(iter(needs[upstream]))
     return order
 
 
