@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from gateway.api import continuation, jobs, ops, pipelines, runner, runners
+from gateway.api import continuation, jobs, ops, pipelines, runner, runners, webhooks
 from gateway.api.common import Context
 from gateway.api.openapi import build_openapi
 from gateway.auth import Authenticator
@@ -36,12 +36,13 @@ from gateway.errors import (
     StateConflict,
     Unauthorized,
 )
-from gateway.keys import ADMIN_TOKEN_FILE, SECRET_KEY_FILE, load_or_create
+from gateway.keys import ADMIN_TOKEN_FILE, SECRET_KEY_FILE, WEBHOOK_SECRET_FILE, load_or_create
 from gateway.metrics import Metrics
 from gateway.models import IdGenerator
 from gateway.store import Store, open_store
 from gateway.sweeper import Sweeper
 from gateway.tokens import ContinueTokens, key_fingerprint, token_hash
+from gateway.webhooks.dispatcher import Dispatcher, DispatchPolicy
 
 log = logging.getLogger("gateway")
 
@@ -127,13 +128,16 @@ def create_app(
     clock: Clock | None = None,
     store: Store | None = None,
     run_sweeper: bool = True,
+    run_dispatcher: bool | None = None,
 ) -> Starlette:
     """The ASGI app. Secrets are resolved now (generated into the data dir on first start);
-    the store opens, migrates and starts being swept when the app's lifespan starts."""
+    the store opens and migrates, and the sweeper and the webhook dispatcher start, when the
+    app's lifespan starts (tests drive them by hand: `run_sweeper=False`)."""
     clock = clock or SystemClock()
     store = store or open_store(settings)
     secret_key = load_or_create(settings.secret_key, settings.data_dir, SECRET_KEY_FILE)
     admin_token = load_or_create(settings.admin_token, settings.data_dir, ADMIN_TOKEN_FILE)
+    webhook_secret = load_or_create(settings.webhook_secret, settings.data_dir, WEBHOOK_SECRET_FILE)
     metrics = Metrics()
     ctx = Context(
         settings=settings,
@@ -147,6 +151,23 @@ def create_app(
     sweeper = Sweeper(
         store, clock, metrics, interval_s=settings.sweep_interval_s, publish=ctx.publish
     )
+    dispatcher = Dispatcher(
+        store,
+        clock,
+        metrics,
+        DispatchPolicy(
+            schedule=settings.retry_schedule,
+            timeout_s=settings.webhook_timeout_s,
+            disable_after_s=settings.webhook_disable_after_s,
+            concurrency=settings.webhook_concurrency,
+            endpoint_concurrency=settings.webhook_endpoint_concurrency,
+            allow=settings.allow_nets,
+            server_secret=webhook_secret.value,
+        ),
+    )
+    ctx.deliveries_committed = dispatcher.wake
+    if run_dispatcher is None:
+        run_dispatcher = run_sweeper
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -161,14 +182,17 @@ def create_app(
             await store.close()
             raise
         stop = asyncio.Event()
-        task = asyncio.create_task(sweeper.run(stop)) if run_sweeper else None
+        tasks = []
+        if run_sweeper:
+            tasks.append(asyncio.create_task(sweeper.run(stop)))
+        if run_dispatcher:
+            tasks.append(asyncio.create_task(dispatcher.run(stop)))
         try:
             yield
         finally:
             ctx.wakeup.close()
             stop.set()
-            if task is not None:
-                await task
+            await asyncio.gather(*tasks)
             await store.close()
 
     app = Starlette(
@@ -177,6 +201,7 @@ def create_app(
             *pipelines.routes,
             *runners.routes,
             *runner.routes,
+            *webhooks.routes,
             *continuation.routes,
             *ops.routes,
         ],
@@ -189,6 +214,7 @@ def create_app(
     )
     app.state.ctx = ctx
     app.state.sweeper = sweeper
+    app.state.dispatcher = dispatcher
     app.state.openapi = build_openapi()
     app.state.startup = StartupInfo(
         admin_token_path=admin_token.path,

@@ -25,6 +25,11 @@ DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S = 300
 DEFAULT_CALLBACK_TIMEOUT_S = 86_400
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 DEFAULT_RETENTION_DAYS = 30
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
+DEFAULT_WEBHOOK_TIMEOUT_S = 15.0
+DEFAULT_WEBHOOK_DISABLE_AFTER_S = 5 * 86_400
+DEFAULT_WEBHOOK_CONCURRENCY = 32
+DEFAULT_WEBHOOK_ENDPOINT_CONCURRENCY = 4
 SWEEP_BATCH_SIZE = 1000
 
 
@@ -46,6 +51,13 @@ class Settings:
     default_callback_timeout_s: int = DEFAULT_CALLBACK_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     retention_days: int = DEFAULT_RETENTION_DAYS
+    webhook_secret: str | None = None
+    webhook_retry_schedule: str = DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    webhook_timeout_s: float = DEFAULT_WEBHOOK_TIMEOUT_S
+    webhook_allow_nets: str | None = None
+    webhook_disable_after_s: int = DEFAULT_WEBHOOK_DISABLE_AFTER_S
+    webhook_concurrency: int = DEFAULT_WEBHOOK_CONCURRENCY
+    webhook_endpoint_concurrency: int = DEFAULT_WEBHOOK_ENDPOINT_CONCURRENCY
 
     @property
     def base_url(self) -> str:
@@ -97,12 +109,41 @@ class Settings:
             "default_callback_timeout_s",
             "max_body_bytes",
             "retention_days",
+            "webhook_timeout_s",
+            "webhook_disable_after_s",
+            "webhook_concurrency",
+            "webhook_endpoint_concurrency",
         ):
             if not 0 < getattr(self, name) < math.inf:  # also refuses NaN
                 raise ConfigError(f"GATEWAY_{name.upper()} must be positive and finite")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ConfigError("GATEWAY_PUBLIC_URL must start with http:// or https://")
         self.sqlite_path  # noqa: B018 - raises on an unsupported scheme
+        self.retry_schedule  # noqa: B018 - raises on a bad schedule
+        self.allow_nets  # noqa: B018 - raises on a bad CIDR
+
+    @property
+    def retry_schedule(self) -> tuple[float, ...]:
+        """Seconds to wait before each retry of a webhook delivery."""
+        try:
+            delays = tuple(float(p) for p in self.webhook_retry_schedule.split(",") if p.strip())
+        except ValueError:
+            delays = (-1.0,)
+        if not all(0 <= d < math.inf for d in delays):
+            raise ConfigError(
+                "GATEWAY_WEBHOOK_RETRY_SCHEDULE must be comma-separated non-negative seconds"
+            )
+        return delays
+
+    @property
+    def allow_nets(self) -> tuple[Any, ...]:
+        """`GATEWAY_WEBHOOK_ALLOW_NETS` as networks."""
+        from gateway.webhooks.guard import parse_networks
+
+        try:
+            return parse_networks(self.webhook_allow_nets)
+        except ValueError as exc:
+            raise ConfigError(f"GATEWAY_WEBHOOK_ALLOW_NETS: {exc}") from None
 
 
 def _convert(name: str, annotation: Any, raw: str) -> Any:

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.tokens import new_api_token, new_secret
+from gateway.webhooks.signing import new_secret as new_webhook_secret
 
 SECRET_KEY_FILE = "secret-key"
 ADMIN_TOKEN_FILE = "admin-token"
+WEBHOOK_SECRET_FILE = "webhook-secret"
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,8 @@ def load_or_create(configured: str | None, data_dir: Path, filename: str) -> Sec
     if path.exists():
         return Secret(path.read_text().strip(), path, False)
     data_dir.mkdir(parents=True, exist_ok=True)
-    value = new_api_token() if filename == ADMIN_TOKEN_FILE else new_secret()
+    makers = {ADMIN_TOKEN_FILE: new_api_token, WEBHOOK_SECRET_FILE: new_webhook_secret}
+    value = makers.get(filename, new_secret)()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(value + "\n")

@@ -36,6 +36,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.webhook_attempts = Counter(
+            "gateway_webhook_attempts",
+            "Webhook delivery attempts, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def record(self, events: Iterable[JobEvent]) -> None:
         for event in events:
             self.transitions.labels(event.state.value).inc()

@@ -406,3 +406,112 @@ def pipeline_to_wire(pipeline: Pipeline, jobs: list[Job] | None = None) -> dict[
     if jobs is not None:
         body["jobs"] = [job_to_wire(job) for job in jobs]
     return body
+
+
+class EndpointSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `POST /api/v1/webhooks`."""
+
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    events: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] = msgspec.field(
+        default_factory=list
+    )
+    pipeline_id: str | None = None
+
+
+class EndpointPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `PATCH /api/v1/webhooks/{id}`: what is given changes."""
+
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None = None
+    events: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] | None = None
+    enabled: bool | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A webhook subscription (explicit, or the implicit one of a job or pipeline)."""
+
+    id: str
+    url: str
+    events: tuple[str, ...]
+    pipeline_id: str | None
+    owner_job_id: str | None
+    owner_pipeline_id: str | None
+    enabled: bool
+    disabled_reason: str | None
+    failing_since: float | None
+    created_at: float
+    failed_deliveries: int = 0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    at: float
+    status_code: int | None
+    duration_ms: float
+    error: str | None
+    response_snippet: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    endpoint_id: str
+    message_id: str
+    event_type: str
+    job_id: str | None
+    state: str
+    created_at: float
+    next_attempt_at: float | None
+    attempts: tuple[Attempt, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeliveryClaim:
+    """A delivery leased to one dispatcher for one attempt: what to send, where, signed how."""
+
+    delivery_id: str
+    endpoint_id: str
+    message_id: str
+    url: str
+    body: bytes
+    secrets: tuple[str, ...]
+    attempt: int
+
+
+def endpoint_to_wire(endpoint: Endpoint) -> dict[str, Any]:
+    return {
+        "id": endpoint.id,
+        "url": endpoint.url,
+        "events": list(endpoint.events),
+        "pipeline_id": endpoint.pipeline_id,
+        "enabled": endpoint.enabled,
+        "disabled_reason": endpoint.disabled_reason,
+        "failing_since": rfc3339(endpoint.failing_since),
+        "failed_deliveries": endpoint.failed_deliveries,
+        "created_at": rfc3339(endpoint.created_at),
+    }
+
+
+def delivery_to_wire(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "endpoint_id": delivery.endpoint_id,
+        "message_id": delivery.message_id,
+        "event_type": delivery.event_type,
+        "job_id": delivery.job_id,
+        "state": delivery.state,
+        "created_at": rfc3339(delivery.created_at),
+        "next_attempt_at": rfc3339(delivery.next_attempt_at),
+        "attempts": [
+            {
+                "number": a.number,
+                "status_code": a.status_code,
+                "duration_ms": round(a.duration_ms, 1),
+                "error": a.error,
+                "response_snippet": a.response_snippet,
+                "at": rfc3339(a.at),
+            }
+            for a in delivery.attempts
+        ],
+    }

@@ -103,7 +103,7 @@ class JobRow:
         if self.failure_reason:
             return self.failure_reason
         if self.state == "waiting" and self.deadline_at is not None:
-            return f"awaiting its callback, due in {format_duration(self.deadline_at - now)}"
+            return f"callback due in {format_duration(self.deadline_at - now)}"
         return ""
 
 
@@ -172,13 +172,18 @@ def change_lines(previous: Snapshot | None, current: Snapshot, now: float) -> li
 
 
 def progress_table(snapshot: Snapshot, now: float) -> Any:
-    """The live view: a `rich` table of every job."""
+    """The live view: a header line with the pipeline's state, then a table of every job."""
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    title = f"pipeline {snapshot.name} {snapshot.id}: "
     icon, style = STATE_LOOK.get(snapshot.state, ("?", ""))
-    table = Table(title=Text.assemble(title, (f"{icon} {snapshot.state}", style)))
+    header = Text.assemble(
+        f"pipeline {snapshot.name} ({snapshot.id}): ", (f"{icon} {snapshot.state}", style)
+    )
+    if snapshot.created_at is not None:
+        header.append(f"  {format_duration((snapshot.finished_at or now) - snapshot.created_at)}")
+    table = Table()
     table.add_column("job")
     table.add_column("state")
     table.add_column("attempt", justify="right")
@@ -194,7 +199,7 @@ def progress_table(snapshot: Snapshot, now: float) -> Any:
             "-" if duration is None else format_duration(duration),
             job.note(now),
         )
-    return table
+    return Group(header, table)
 
 
 # --- talking to the gateway ------------------------------------------------------------------

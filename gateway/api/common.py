@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,16 +35,20 @@ class Context:
     metrics: Metrics
     auth: Authenticator
     wakeup: WakeUp = field(default_factory=lambda: WakeUp())
+    deliveries_committed: Callable[[], None] = lambda: None
 
     def continue_url(self, token: str) -> str:
         return f"{self.settings.base_url}/continue/{token}"
 
     def publish(self, changes: Changes) -> None:
-        """Tell the rest of the process what a store verb recorded: metrics, and runners
-        waiting in a long poll when a job became pending."""
+        """Tell the rest of the process what a store verb recorded: metrics, runners waiting
+        in a long poll when a job became pending, the webhook dispatcher when deliveries were
+        queued."""
         self.metrics.record(changes.events)
         if changes.makes_jobs_pending:
             self.wakeup.notify()
+        if changes.deliveries:
+            self.deliveries_committed()
 
 
 class WakeUp:

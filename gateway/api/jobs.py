@@ -11,6 +11,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.api.common import Context, authenticated, json, query_int, query_limit, read_body
+from gateway.api.webhooks import check_subscription
 from gateway.errors import MalformedRequest, NotFound
 from gateway.models import Job, JobSpec, Variable, decode_body, event_to_wire, job_to_wire
 from gateway.states import State
@@ -34,6 +35,7 @@ async def create_job(request: Request) -> Response:
     ctx, _ = await authenticated(request)
     spec = decode_body(await read_body(request, ctx.settings.max_body_bytes) or b"null", JobSpec)
     spec.check()
+    check_subscription(ctx, spec.state_webhook_url, spec.state_webhook_secret)
     if spec.callback_timeout_s is None:
         # Nothing waits forever: the server's default is fixed on the job when it is created.
         spec = msgspec.structs.replace(

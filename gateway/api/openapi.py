@@ -166,6 +166,43 @@ _WIRE_SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Webhook": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "url": {"type": "string"},
+            "events": {"type": "array", "items": {"type": "string"}},
+            "pipeline_id": _STR,
+            "enabled": {"type": "boolean"},
+            "disabled_reason": _STR,
+            "failing_since": _TIME,
+            "failed_deliveries": {"type": "integer"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "secret": {"type": "string", "description": "only on creation and rotation"},
+        },
+    },
+    "WebhookList": {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": _ref("Webhook")}, "next_cursor": _STR},
+    },
+    "Delivery": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "endpoint_id": {"type": "string"},
+            "message_id": {"type": "string", "description": "the webhook-id"},
+            "event_type": {"type": "string"},
+            "job_id": _STR,
+            "state": {"type": "string", "enum": ["pending", "succeeded", "failed", "skipped"]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "next_attempt_at": _TIME,
+            "attempts": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "DeliveryList": {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": _ref("Delivery")}, "next_cursor": _STR},
+    },
     "JobState": {"type": "object", "properties": {"state": {"type": "string"}}},
     "TraceSize": {"type": "object", "properties": {"size": {"type": "integer"}}},
 }
@@ -216,6 +253,7 @@ def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _JOB = [_path_param("job_id")]
+_HOOK = [_path_param("webhook_id")]
 _TOKEN = [_path_param("token")]
 _PAGE = [
     _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
@@ -226,9 +264,20 @@ _PAGE = [
 def build_openapi() -> dict[str, Any]:
     """The whole document for `/openapi.json`."""
     from gateway.api.runner import JobRequest, JobUpdate
+    from gateway.models import EndpointPatch, EndpointSpec
 
     _, request_schemas = msgspec.json.schema_components(
-        [JobSpec, ContinueBody, PipelineSpec, RunnerSpec, JobRequest, JobUpdate], ref_template=_REF
+        [
+            JobSpec,
+            ContinueBody,
+            PipelineSpec,
+            RunnerSpec,
+            JobRequest,
+            JobUpdate,
+            EndpointSpec,
+            EndpointPatch,
+        ],
+        ref_template=_REF,
     )
     continue_call = _op(
         "Finish the job (the terminal call)",
@@ -371,6 +420,63 @@ def build_openapi() -> dict[str, Any]:
                 (202, "TraceSize"),
                 (400, 401, 403, 409, 413, 416),
                 params=[*_JOB, _header("Job-Token"), _header("Content-Range")],
+            )
+        },
+        "/api/v1/webhooks": {
+            "post": _op(
+                "Subscribe an endpoint (its secret is shown only here)",
+                (201, "Webhook"),
+                (400, 401, 413, 422),
+                body="EndpointSpec",
+            ),
+            "get": _op("List webhook endpoints", (200, "WebhookList"), (400, 401), params=_PAGE),
+        },
+        "/api/v1/webhooks/{webhook_id}": {
+            "get": _op("Get an endpoint", (200, "Webhook"), (401, 404), params=_HOOK),
+            "patch": _op(
+                "Change url, events or enabled",
+                (200, "Webhook"),
+                (400, 401, 404, 422),
+                body="EndpointPatch",
+                params=_HOOK,
+            ),
+            "delete": _op(
+                "Delete an endpoint (its pending deliveries are skipped)",
+                (204, None),
+                (401, 404),
+                params=_HOOK,
+            ),
+        },
+        "/api/v1/webhooks/{webhook_id}/rotate-secret": {
+            "post": _op(
+                "A new secret (the old one signs beside it for 24 h)",
+                (200, "Webhook"),
+                (401, 404),
+                params=_HOOK,
+            )
+        },
+        "/api/v1/webhooks/{webhook_id}/deliveries": {
+            "get": _op(
+                "The endpoint's deliveries, newest first",
+                (200, "DeliveryList"),
+                (400, 401, 404),
+                params=[*_HOOK, *_PAGE],
+            )
+        },
+        "/api/v1/jobs/{job_id}/deliveries": {
+            "get": _op(
+                "The job's webhook deliveries, newest first",
+                (200, "DeliveryList"),
+                (400, 401, 404),
+                params=[*_JOB, *_PAGE],
+            )
+        },
+        "/api/v1/deliveries/{delivery_id}/redeliver": {
+            "post": _op(
+                "Send the same event again (same webhook-id)",
+                (202, "Delivery"),
+                (401, 404, 409),
+                params=[_path_param("delivery_id")],
             )
         },
         "/healthz": {"get": _op("Liveness", (200, "Status"), (), auth=False)},

@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from gateway.api.common import Context, authenticated, json, query_limit, read_body
 from gateway.api.jobs import with_url
+from gateway.api.webhooks import check_subscription
 from gateway.errors import InvalidField, MalformedRequest, NotFound
 from gateway.models import PipelineSpec, PipelineView, decode_body, pipeline_to_wire
 from gateway.pipelines import PipelineState, check_dag
@@ -21,10 +22,12 @@ def _checked(ctx: Context, spec: PipelineSpec) -> PipelineSpec:
     if not spec.jobs:
         raise InvalidField("a pipeline needs at least one job in `jobs`")
     check_dag({name: job.needs for name, job in spec.jobs.items()})
+    check_subscription(ctx, spec.state_webhook_url, spec.state_webhook_secret)
     jobs = {}
     for name, job in spec.jobs.items():
         try:
             job.check()
+            check_subscription(ctx, job.state_webhook_url, job.state_webhook_secret)
         except InvalidField as exc:
             raise InvalidField(f"job `{name}`: {exc.detail}") from None
         if job.callback_timeout_s is None:

@@ -125,6 +125,10 @@ async def request_job(request: Request) -> Response:
     # The wait is real time on the event loop's clock, not the business clock.
     loop_deadline = loop.time() + wait.wait_s
     while True:
+        if await request.is_disconnected():
+            # The runner gave up on this poll (it stopped or restarted): a job claimed now
+            # would sit unconfirmed until GATEWAY_CONFIRM_TIMEOUT_S.
+            return Response(status_code=204)
         job_token = new_job_token()
         handout = await ctx.store.claim_job(
             runner, token_hash(job_token), ctx.tokens, ctx.clock.now()

@@ -22,6 +22,11 @@ from gateway.config import DEFAULT_CONFIRM_TIMEOUT_S, DEFAULT_RUNNER_HEARTBEAT_T
 from gateway.errors import GatewayError, MalformedRequest
 from gateway.models import (
     ContinueCall,
+    Delivery,
+    DeliveryClaim,
+    Endpoint,
+    EndpointPatch,
+    EndpointSpec,
     HandOut,
     Job,
     JobEvent,
@@ -110,6 +115,19 @@ class TraceAppend:
     job: Job
     size: int
     changes: Changes
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """What the dispatcher learned from one attempt and decided about the next."""
+
+    status_code: int | None
+    duration_ms: float
+    error: str | None
+    response_snippet: str | None
+    succeeded: bool
+    next_attempt_at: float | None  # None: no more attempts
+    disable_reason: str | None  # the endpoint must stop receiving (410)
 
 
 @dataclass(frozen=True)
@@ -241,6 +259,54 @@ class Store(Protocol):
         now: float,
     ) -> Transition:
         """The script's exit; an async job that exited 0 parks (and takes an early call)."""
+
+    async def create_endpoint(
+        self, endpoint_id: str, spec: EndpointSpec, secret: str, now: float
+    ) -> Endpoint: ...
+
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint:
+        """NotFound for an unknown or deleted (or implicit) endpoint."""
+
+    async def list_endpoints(self, *, limit: int, cursor: str | None) -> Page[Endpoint]: ...
+
+    async def update_endpoint(
+        self, endpoint_id: str, patch: EndpointPatch, now: float
+    ) -> Endpoint: ...
+
+    async def delete_endpoint(self, endpoint_id: str, now: float) -> None:
+        """Its pending deliveries become skipped."""
+
+    async def rotate_secret(
+        self, endpoint_id: str, secret: str, old_signs_until: float, now: float
+    ) -> Endpoint: ...
+
+    async def list_deliveries(
+        self,
+        *,
+        endpoint_id: str | None = None,
+        job_id: str | None = None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[Delivery]:
+        """Newest first, with attempts; of one endpoint or of one job."""
+
+    async def redeliver(self, delivery_id: str, now: float) -> Delivery:
+        """A new delivery of the same message (StateConflict on a disabled endpoint)."""
+
+    async def claim_deliveries(
+        self,
+        *,
+        limit: int,
+        lease_s: float,
+        server_secret: str,
+        busy_endpoints: list[str],
+        now: float,
+    ) -> list[DeliveryClaim]:
+        """Lease due deliveries, earliest first, skipping `busy_endpoints`."""
+
+    async def record_attempt(
+        self, claim: DeliveryClaim, outcome: AttemptOutcome, disable_after_s: float, now: float
+    ) -> None: ...
 
 
 def encode_cursor(key: str) -> str:

@@ -327,3 +327,23 @@ async def test_a_job_picked_in_time_has_no_queue_timeout(
     clock.advance(200)
     assert await sweep(app) == 0
     assert (await fetch_job(client, job["id"]))["state"] == "running"
+
+
+async def test_an_early_call_through_a_revoked_url_is_dropped_with_it(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient, app: Starlette, clock: ManualClock
+) -> None:
+    """A terminal call kept during a hand-out that times out unconfirmed goes with the revoked
+    URL: the next attempt's exit 0 parks the job instead of applying it."""
+    token = await register_runner(client)
+    job = await script_job(client, **{"async": True})
+    lost = await claim(anon, token)
+    url = next(v["value"] for v in lost.body["variables"] if v["key"] == "CI_JOB_CONTINUE_URL")
+    early = await anon.post(url.removeprefix(BASE_URL), json={"outputs": {"IP": "10.0.0.9"}})
+    assert early.status_code == 202
+    clock.advance(CONFIRM_TIMEOUT_S + 1)
+    await sweep(app)
+    again = await claim_and_confirm(anon, token)
+    assert again.id == job["id"]
+    finished = await put_state(anon, again, {"state": "success", "exit_code": 0})
+    assert finished.json() == {"state": "waiting"}
+    assert (await fetch_job(client, job["id"]))["outputs"] == {}

@@ -20,6 +20,11 @@ import aiosqlite
 from gateway.errors import GatewayError, MalformedRequest, StoreError
 from gateway.models import (
     ContinueCall,
+    Delivery,
+    DeliveryClaim,
+    Endpoint,
+    EndpointPatch,
+    EndpointSpec,
     HandOut,
     IdGenerator,
     Job,
@@ -36,6 +41,7 @@ from gateway.models import (
 from gateway.pipelines import PipelineState
 from gateway.states import FailureReason, State, Trigger
 from gateway.store.base import (
+    AttemptOutcome,
     ContinueResult,
     Minter,
     PipelineResult,
@@ -45,7 +51,7 @@ from gateway.store.base import (
     Transition,
     decode_cursor,
 )
-from gateway.store.sqlite import jobs, pipelines, runners
+from gateway.store.sqlite import jobs, pipelines, runners, webhooks
 from gateway.store.sqlite.schema import configure, migrate
 from gateway.store.sqlite.tx import Tx
 
@@ -302,6 +308,85 @@ class SQLiteStore:
             ),
             now,
         )
+
+    # -- webhooks --------------------------------------------------------------------------
+
+    async def create_endpoint(
+        self, endpoint_id: str, spec: EndpointSpec, secret: str, now: float
+    ) -> Endpoint:
+        return await self._transact(
+            lambda tx: webhooks.create_endpoint(tx, endpoint_id, spec, secret), now
+        )
+
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint:
+        return await self._run(lambda conn: webhooks.get_endpoint(conn, endpoint_id))
+
+    async def list_endpoints(self, *, limit: int, cursor: str | None) -> Page[Endpoint]:
+        return await self._run(
+            lambda conn: webhooks.list_endpoints(conn, limit=limit, cursor=cursor)
+        )
+
+    async def update_endpoint(self, endpoint_id: str, patch: EndpointPatch, now: float) -> Endpoint:
+        return await self._transact(
+            lambda tx: webhooks.update_endpoint(tx, endpoint_id, patch), now
+        )
+
+    async def delete_endpoint(self, endpoint_id: str, now: float) -> None:
+        await self._transact(lambda tx: webhooks.delete_endpoint(tx, endpoint_id), now)
+
+    async def rotate_secret(
+        self, endpoint_id: str, secret: str, old_signs_until: float, now: float
+    ) -> Endpoint:
+        return await self._transact(
+            lambda tx: webhooks.rotate_secret(tx, endpoint_id, secret, old_signs_until), now
+        )
+
+    async def list_deliveries(
+        self,
+        *,
+        endpoint_id: str | None = None,
+        job_id: str | None = None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[Delivery]:
+        return await self._run(
+            lambda conn: webhooks.list_deliveries(
+                conn, endpoint_id=endpoint_id, job_id=job_id, limit=limit, cursor=cursor
+            )
+        )
+
+    async def redeliver(self, delivery_id: str, now: float) -> Delivery:
+        return await self._transact(lambda tx: webhooks.redeliver(tx, delivery_id), now)
+
+    async def claim_deliveries(
+        self,
+        *,
+        limit: int,
+        lease_s: float,
+        server_secret: str,
+        busy_endpoints: list[str],
+        now: float,
+    ) -> list[DeliveryClaim]:
+        return await self._transact(
+            lambda tx: webhooks.claim_deliveries(
+                tx,
+                limit=limit,
+                lease_s=lease_s,
+                server_secret=server_secret,
+                busy_endpoints=busy_endpoints,
+            ),
+            now,
+        )
+
+    async def record_attempt(
+        self, claim: DeliveryClaim, outcome: AttemptOutcome, disable_after_s: float, now: float
+    ) -> None:
+        await self._transact(
+            lambda tx: webhooks.record_attempt(tx, claim, outcome, disable_after_s), now
+        )
+
+    async def next_delivery_due(self) -> float | None:
+        return await self._run(webhooks.next_due)
 
 
 def _configure_and_migrate(conn: sqlite3.Connection) -> int:

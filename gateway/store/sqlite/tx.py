@@ -81,6 +81,10 @@ REQUEUE_COLUMNS = {
     "job_token_hash": None,
     "token_nonce": None,
     "token_hash": None,
+    # a terminal call kept early came through the revoked URL: it goes with it
+    "early_callback": None,
+    "callback_digest": None,
+    "callback_key": None,
 }
 
 

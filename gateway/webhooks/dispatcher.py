@@ -1,0 +1,244 @@
+"""The webhook dispatcher: claims due deliveries from the outbox under a lease, sends each
+attempt signed afresh, records it, and schedules the next one.
+
+At least once: a delivery is marked done only after a 2xx was recorded, so a crash between the
+send and the record resends it (same `webhook-id`). A slow or failing endpoint never delays a
+transition (nothing is sent in a transaction) nor another endpoint (a global cap and a
+per-endpoint cap on attempts in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import random
+from collections import Counter as Tally
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.clock import Clock
+from gateway.metrics import Metrics
+from gateway.models import DeliveryClaim
+from gateway.store.base import AttemptOutcome, Store
+from gateway.webhooks import signing
+from gateway.webhooks.guard import BlockedAddress, GuardedTransport, IPNetwork
+
+log = logging.getLogger("gateway.webhooks")
+
+SNIPPET_BYTES = 1024
+JITTER = 0.2
+LEASE_MARGIN_S = 5.0
+IDLE_POLL_S = 1.0
+DRAIN_S = 5.0
+
+
+@dataclass(frozen=True)
+class DispatchPolicy:
+    schedule: tuple[float, ...]
+    timeout_s: float
+    disable_after_s: float
+    concurrency: int
+    endpoint_concurrency: int
+    allow: tuple[IPNetwork, ...]
+    server_secret: str
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """A `Retry-After` header in seconds (delta or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def next_delay(
+    schedule: Sequence[float],
+    attempt: int,
+    status_code: int | None,
+    retry_after: float | None,
+    rng: random.Random,
+) -> float | None:
+    """Seconds until the attempt after `attempt` (1-based), or None when the schedule is spent.
+    The scheduled delay gets +-20% jitter; a `Retry-After` on 429/503 replaces it, at most 2x."""
+    if attempt > len(schedule):
+        return None
+    scheduled = schedule[attempt - 1]
+    if status_code in (429, 503) and retry_after is not None:
+        return min(retry_after, 2 * scheduled)
+    return scheduled * rng.uniform(1 - JITTER, 1 + JITTER)
+
+
+class Dispatcher:
+    """Runs in every `gateway serve`; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        metrics: Metrics,
+        policy: DispatchPolicy,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._policy = policy
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._per_endpoint: Tally[str] = Tally()
+        self._client: httpx.AsyncClient | None = None
+
+    def wake(self) -> None:
+        """New deliveries were committed: look now instead of at the next poll."""
+        self._wake.set()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(
+            max_connections=self._policy.concurrency,
+            max_keepalive_connections=self._policy.concurrency,
+        )
+        return httpx.AsyncClient(
+            transport=GuardedTransport(self._policy.allow, limits),
+            timeout=httpx.Timeout(self._policy.timeout_s),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and send until `stop` is set; then let attempts in flight finish briefly
+        (their leases lapse and another pass resends whatever was cut off)."""
+        self._client = self._new_client()
+        try:
+            while not stop.is_set():
+                try:
+                    await self.dispatch_once()
+                except Exception:
+                    log.exception("dispatch_failed")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_for_work(stop), timeout=IDLE_POLL_S)
+            if self._in_flight:
+                await asyncio.wait(self._in_flight, timeout=DRAIN_S)
+            for task in self._in_flight:
+                task.cancel()
+        finally:
+            await self._client.aclose()
+
+    async def _wait_for_work(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def dispatch_once(self) -> int:
+        """Claim what is due and start sending it; return how many attempts started."""
+        free = self._policy.concurrency - len(self._in_flight)
+        if free <= 0:
+            return 0
+        busy = [e for e, n in self._per_endpoint.items() if n >= self._policy.endpoint_concurrency]
+        claims = await self._store.claim_deliveries(
+            limit=free,
+            lease_s=self._policy.timeout_s + LEASE_MARGIN_S,
+            server_secret=self._policy.server_secret,
+            busy_endpoints=busy,
+            now=self._clock.now(),
+        )
+        started = 0
+        for claim in claims:
+            if self._per_endpoint[claim.endpoint_id] >= self._policy.endpoint_concurrency:
+                continue  # its lease lapses and a later pass takes it
+            self._per_endpoint[claim.endpoint_id] += 1
+            task = asyncio.create_task(self._attempt(claim))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+            started += 1
+        return started
+
+    async def drain(self) -> None:
+        """Wait for every attempt in flight (tests)."""
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    async def _attempt(self, claim: DeliveryClaim) -> None:
+        try:
+            outcome = await self._send(claim)
+            await self._store.record_attempt(
+                claim, outcome, self._policy.disable_after_s, now=self._clock.now()
+            )
+            label = "succeeded" if outcome.succeeded else "failed"
+            self._metrics.webhook_attempts.labels(label).inc()
+        except Exception:
+            log.exception("delivery_attempt_failed", extra={"delivery_id": claim.delivery_id})
+        finally:
+            self._per_endpoint[claim.endpoint_id] -= 1
+            if self._per_endpoint[claim.endpoint_id] <= 0:
+                del self._per_endpoint[claim.endpoint_id]
+            self._wake.set()
+
+    async def _send(self, claim: DeliveryClaim) -> AttemptOutcome:
+        assert self._client is not None
+        now = self._clock.now()
+        headers = signing.headers(claim.secrets, claim.message_id, int(now), claim.body)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status: int | None = None
+        error: str | None = None
+        snippet: str | None = None
+        retry_after: float | None = None
+        try:
+            async with self._client.stream(
+                "POST", claim.url, content=claim.body, headers=headers
+            ) as response:
+                status = response.status_code
+                retry_after = retry_after_s(response.headers.get("retry-after"), now)
+                snippet = await _snippet(response)
+        except BlockedAddress as exc:
+            error = f"blocked: {exc}"
+        except httpx.TimeoutException:
+            error = f"timeout after {self._policy.timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        duration_ms = (loop.time() - started) * 1000
+        succeeded = status is not None and 200 <= status < 300
+        if status == 410:
+            return AttemptOutcome(
+                status, duration_ms, error, snippet, False, None, "the receiver answered 410 Gone"
+            )
+        delay = (
+            None
+            if succeeded
+            else next_delay(self._policy.schedule, claim.attempt, status, retry_after, self._rng)
+        )
+        return AttemptOutcome(
+            status_code=status,
+            duration_ms=duration_ms,
+            error=error,
+            response_snippet=snippet,
+            succeeded=succeeded,
+            next_attempt_at=None if delay is None else self._clock.now() + delay,
+            disable_reason=None,
+        )
+
+
+async def _snippet(response: httpx.Response) -> str:
+    """At most SNIPPET_BYTES of the answer; the rest is never read."""
+    collected = b""
+    async for chunk in response.aiter_raw():
+        collected += chunk
+        if len(collected) >= SNIPPET_BYTES:
+            break
+    return collected[:SNIPPET_BYTES].decode(errors="replace")
