@@ -123,6 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    # httpx logs every webhook request at INFO, with its URL; the delivery log has them.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     probe = Settings.from_env(host=args.host, port=args.port if args.port else None)
     sock = socket.socket(socket.AF_INET6 if ":" in probe.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
