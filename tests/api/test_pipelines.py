@@ -602,6 +602,39 @@ async def test_state_through_a_whole_run(
     assert {job["state"] for job in final["jobs"]} == {"success"}
 
 
+@pytest.mark.parametrize("exit_code", [0, 1])
+async def test_early_callback_in_a_pipeline_applies_on_exit(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient, runner: str, exit_code: int
+) -> None:
+    """An early terminal call on a running async job is applied when the script exits 0,
+    releasing the downstream job with its outputs; a script failure wins and skips it."""
+    body = await create_pipeline(
+        client,
+        {"provision": {**SCRIPT, "async": True}, "deploy": {**SCRIPT, "needs": ["provision"]}},
+    )
+    provision = await start_script(client, runner, "provision")
+    url = variables_of(provision)["CI_JOB_CONTINUE_URL"].removeprefix(BASE_URL)
+    early = await anon.post(url, json={"outputs": {"HOST": "10.0.0.7"}})
+    assert early.status_code == 202, early.text
+    assert await states(client, body["id"]) == (
+        "running",
+        {"provision": "running", "deploy": "created"},
+    )
+    await exit_script(client, provision, exit_code=exit_code)
+    if exit_code:
+        assert await states(client, body["id"]) == (
+            "failed",
+            {"provision": "failed", "deploy": "skipped"},
+        )
+        return
+    assert await states(client, body["id"]) == (
+        "running",
+        {"provision": "success", "deploy": "pending"},
+    )
+    deploy = await start_script(client, runner, "deploy")
+    assert variables_of(deploy)["HOST"] == "10.0.0.7"
+
+
 async def test_parked_external_beside_a_running_script_is_running(
     client: httpx.AsyncClient, anon: httpx.AsyncClient, runner: str
 ) -> None:
