@@ -27,6 +27,8 @@ T = TypeVar("T")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$"
 VARIABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 MAX_TIMEOUT_S = 366 * 86_400
+# Every transition of a pipeline's job re-reads the pipeline's jobs: bound the cost.
+MAX_PIPELINE_JOBS = 500
 
 JobName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="1-128 characters")]
 VariableName = Annotated[str, msgspec.Meta(pattern=VARIABLE_PATTERN)]
@@ -98,7 +100,7 @@ class PipelineSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omi
     """Body of `POST /api/v1/pipelines`."""
 
     name: JobName
-    jobs: dict[JobName, PipelineJobSpec]
+    jobs: Annotated[dict[JobName, PipelineJobSpec], msgspec.Meta(max_length=MAX_PIPELINE_JOBS)]
     variables: dict[VariableName, str | Variable] = msgspec.field(default_factory=dict)
     state_webhook_url: str | None = None
     state_webhook_secret: str | None = None

@@ -135,25 +135,20 @@ def derive_state(jobs: Sequence[JobStatus], *, canceled: bool) -> PipelineState:
         if any(job.state is State.CANCELED for job in jobs):
             return PipelineState.CANCELED
         return PipelineState.SUCCESS
-    by_name = {job.name: job for job in jobs}
-    if all(job.parked or _behind_parked(job, by_name) for job in unfinished):
+    behind = _behind_parked(jobs)
+    if all(job.parked or (job.state is State.CREATED and behind[job.name]) for job in unfinished):
         return PipelineState.WAITING
     if not any(job.started or job.state.terminal for job in jobs):
         return PipelineState.PENDING
     return PipelineState.RUNNING
 
 
-def _behind_parked(job: JobStatus, by_name: Mapping[str, JobStatus]) -> bool:
-    if job.state is not State.CREATED:
-        return False
-    frontier = list(job.needs)
-    seen: set[str] = set()
-    while frontier:
-        upstream = by_name.get(frontier.pop())
-        if upstream is None or upstream.name in seen:
-            continue
-        seen.add(upstream.name)
-        if upstream.parked:
-            return True
-        frontier.extend(upstream.needs)
-    return False
+def _behind_parked(jobs: Sequence[JobStatus]) -> dict[str, bool]:
+    """For every job, whether something it needs (directly or not) is parked; one pass over
+    the DAG in needs-first order, so a pipeline costs linear time."""
+    by_name = {job.name: job for job in jobs}
+    needs = {job.name: [n for n in job.needs if n in by_name] for job in jobs}
+    behind: dict[str, bool] = {}
+    for name in check_dag(needs):
+        behind[name] = any(by_name[n].parked or behind[n] for n in needs[name])
+    return behind

@@ -15,6 +15,7 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway.clock import ManualClock, rfc3339
+from gateway.models import MAX_PIPELINE_JOBS
 from tests.conftest import BASE_URL, continue_path, sweep
 
 SCRIPT = {"script": ["true"]}
@@ -255,10 +256,12 @@ async def test_invalid_pipelines_are_422_naming_the_culprit(
     assert (await client.get("/api/v1/jobs")).json()["items"] == []
 
 
-async def test_long_chain_of_needs_is_accepted(client: httpx.AsyncClient) -> None:
-    """A 1500-job chain defined from its end is created (regression: the DAG check recursed
-    once per job and failed past the recursion limit, a 500)."""
-    length = 1500
+async def test_long_chain_of_needs_is_accepted_up_to_the_job_limit(
+    client: httpx.AsyncClient,
+) -> None:
+    """A chain of MAX_PIPELINE_JOBS jobs defined from its end is created (the DAG check walks
+    without recursion); one job more is refused with 422 naming the limit."""
+    length = MAX_PIPELINE_JOBS
     jobs = {
         f"j{i}": {**SCRIPT, "needs": [f"j{i - 1}"]} if i else SCRIPT
         for i in reversed(range(length))
@@ -271,6 +274,10 @@ async def test_long_chain_of_needs_is_accepted(client: httpx.AsyncClient) -> Non
     response = await client.post("/api/v1/pipelines", json={"name": "p", "jobs": cyclic})
     assert response.status_code == 422
     assert "cycle" in response.json()["detail"]
+    too_many = {**jobs, "extra": SCRIPT}
+    response = await client.post("/api/v1/pipelines", json={"name": "p", "jobs": too_many})
+    assert response.status_code == 422
+    assert "jobs" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(
