@@ -15,7 +15,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from gateway.api import continuation, jobs, ops, pipelines, runner, runners, webhooks
+from gateway.api import (
+    continuation,
+    jobs,
+    ops,
+    pipelines,
+    runner,
+    runners,
+    stream,
+    webhooks,
+)
 from gateway.api.common import Context
 from gateway.api.openapi import build_openapi
 from gateway.auth import Authenticator
@@ -190,7 +199,7 @@ def create_app(
         try:
             yield
         finally:
-            ctx.wakeup.close()
+            ctx.close()
             stop.set()
             await asyncio.gather(*tasks)
             await store.close()
@@ -202,6 +211,7 @@ def create_app(
             *runners.routes,
             *runner.routes,
             *webhooks.routes,
+            *stream.routes,
             *continuation.routes,
             *ops.routes,
         ],

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from gateway import __version__, runner
-from gateway.api.common import WakeUp
+from gateway.api.common import Context
 from gateway.config import DEFAULT_DATA_DIR, Settings
 from gateway.errors import ConfigError, StoreError
 from gateway.keys import ADMIN_TOKEN_FILE
@@ -166,14 +166,14 @@ def _serve(args: argparse.Namespace) -> int:
     # a clean stop exit 0 instead of dying by that signal.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: None)
-    _gateway_server(config, app.state.ctx.wakeup).run(sockets=[sock])
+    _gateway_server(config, app.state.ctx).run(sockets=[sock])
     print("gateway stopped", flush=True)
     return 0
 
 
-def _gateway_server(config: Any, wakeup: WakeUp) -> Any:
-    """A uvicorn server that releases long polls the moment a stop is asked for: the graceful
-    shutdown waits for open requests, and a runner's long poll would hold it up to a minute."""
+def _gateway_server(config: Any, ctx: Context) -> Any:
+    """A uvicorn server that releases long polls and ends event streams the moment a stop is
+    asked for: the graceful shutdown waits for open requests, and those would hold it."""
     import uvicorn
 
     class GatewayServer(uvicorn.Server):
@@ -184,7 +184,7 @@ def _gateway_server(config: Any, wakeup: WakeUp) -> Any:
         def handle_exit(self, sig: int, frame: Any) -> None:
             loop = getattr(self, "_gateway_loop", None)
             if loop is not None:
-                loop.call_soon_threadsafe(wakeup.close)
+                loop.call_soon_threadsafe(ctx.close)
             super().handle_exit(sig, frame)
 
     return GatewayServer(config)

@@ -517,3 +517,12 @@ def delivery_to_wire(delivery: Delivery) -> dict[str, Any]:
             for a in delivery.attempts
         ],
     }
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One entry of the global event log: its sequence (the stream's `id:`) and webhook body."""
+
+    seq: int
+    event_type: str
+    body: bytes

@@ -35,6 +35,7 @@ class Context:
     metrics: Metrics
     auth: Authenticator
     wakeup: WakeUp = field(default_factory=lambda: WakeUp())
+    events: WakeUp = field(default_factory=lambda: WakeUp())
     deliveries_committed: Callable[[], None] = lambda: None
 
     def continue_url(self, token: str) -> str:
@@ -49,6 +50,13 @@ class Context:
             self.wakeup.notify()
         if changes.deliveries:
             self.deliveries_committed()
+        if changes.logged:
+            self.events.notify()
+
+    def close(self) -> None:
+        """The server is stopping: release long polls and end event streams."""
+        self.wakeup.close()
+        self.events.close()
 
 
 class WakeUp:

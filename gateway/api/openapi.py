@@ -479,6 +479,19 @@ def build_openapi() -> dict[str, Any]:
                 params=[_path_param("delivery_id")],
             )
         },
+        "/api/v1/events/stream": {
+            "get": _op(
+                "Every job and pipeline event, live (Server-Sent Events)",
+                (200, None),
+                (400, 401),
+                params=[
+                    _query("pipeline_id", {"type": "string"}),
+                    _query("job_id", {"type": "string"}),
+                    _query("last_event_id", {"type": "integer", "minimum": 0}),
+                ],
+                text=True,
+            )
+        },
         "/healthz": {"get": _op("Liveness", (200, "Status"), (), auth=False)},
         "/readyz": {
             "get": _op("Readiness (the database answers)", (200, "Status"), (503,), auth=False)

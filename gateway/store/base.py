@@ -39,6 +39,7 @@ from gateway.models import (
     Principal,
     Runner,
     RunnerSpec,
+    StreamEvent,
 )
 from gateway.pipelines import PipelineState
 from gateway.states import FailureReason, State, Trigger
@@ -74,6 +75,7 @@ class Changes:
     credentials: dict[str, ContinueCredential] = field(default_factory=dict)
     requeued: int = 0
     deliveries: int = 0
+    logged: int = 0
 
     @property
     def makes_jobs_pending(self) -> bool:
@@ -307,6 +309,14 @@ class Store(Protocol):
     async def record_attempt(
         self, claim: DeliveryClaim, outcome: AttemptOutcome, disable_after_s: float, now: float
     ) -> None: ...
+
+    async def stream_head(self) -> int:
+        """The sequence of the newest event in the log (0 when empty)."""
+
+    async def read_stream(
+        self, after: int, *, pipeline_id: str | None, job_id: str | None, limit: int
+    ) -> list[StreamEvent]:
+        """Events after `after`, oldest first; `job_id` follows the job's later attempts."""
 
 
 def encode_cursor(key: str) -> str:

@@ -26,6 +26,7 @@ from gateway.store.sqlite.tx import (
     UPDATE_TRANSITION,
     Loaded,
     Tx,
+    changed_job,
     event_params,
     job_event,
     load_job,
@@ -277,17 +278,17 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
     if not rows:
         return Sweep(changes=tx.changes(), fired=0, oldest_deadline_at=None)
     updates, inserts = [], []
-    before: dict[str, Job] = {}
+    afters: dict[str, Job] = {}
     oldest = None
     for row in rows:
         loaded = load_job(row)
-        before[loaded.job.id] = loaded.job
         if oldest is None:
             oldest = loaded.job.deadline_at
         change = advance(tx.lifecycle(loaded.job), Trigger.DEADLINE, tx.now)
         if change.requeued:
             tx.write(loaded, change, "deadline")
             continue
+        afters[loaded.job.id] = changed_job(loaded.job, change, tx.now)
         updates.append(transition_params(loaded, change, tx.now))
         inserts.append(event_params(loaded, change, "deadline", tx.now))
         if loaded.job.pipeline_id is not None:
@@ -301,6 +302,6 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
             "SELECT seq FROM sqlite_sequence WHERE name = 'job_events'"
         ).fetchone()[0]
         first = last - len(inserts) + 1
-        tx.record_swept([job_event(first + i, p) for i, p in enumerate(inserts)], before)
+        tx.record_swept([job_event(first + i, p) for i, p in enumerate(inserts)], afters)
     tx.settle()
     return Sweep(changes=tx.changes(), fired=len(rows), oldest_deadline_at=oldest)

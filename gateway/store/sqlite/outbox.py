@@ -1,5 +1,6 @@
-"""The webhook outbox on SQLite: in the transaction that records an event, one message (its
-frozen body) and one delivery per matching endpoint. Nothing is sent here; the dispatcher
+"""The webhook outbox and event log on SQLite: in the transaction that records an event, its
+message (the frozen body, which is also what the live event stream serves), an entry in the
+global event log, and one delivery per matching endpoint. Nothing is sent here; the dispatcher
 claims due deliveries later, so a crash at any point loses nothing.
 """
 
@@ -42,6 +43,7 @@ class Outbox:
         self._now = now
         self._explicit: list[Target] | None = None
         self.deliveries = 0
+        self.logged = 0
 
     def _explicit_targets(self) -> list[Target]:
         if self._explicit is None:
@@ -72,16 +74,9 @@ class Outbox:
             found += self._owned(column, owner_id)
         return [t for t in found if wire.matches(t.patterns, event_type)]
 
-    def job_event(
-        self,
-        event: JobEvent,
-        job: Job,
-        snapshot: Callable[[], Job],
-        pipeline_has_url: Callable[[str], bool],
-    ) -> None:
-        """Queue `event` of `job` (as it was before the event: only its id, spec and pipeline
-        are read) for every endpoint that wants it; `snapshot`, the job after the event, is
-        read only when one does."""
+    def job_event(self, event: JobEvent, job: Job, pipeline_has_url: Callable[[str], bool]) -> None:
+        """Log `event` with `job` as it is after it, and queue it for every endpoint that
+        wants it."""
         event_type = f"job.{event.state.value}"
         owners: list[tuple[str, str]] = []
         if job.spec.state_webhook_url:
@@ -89,9 +84,7 @@ class Outbox:
         if job.pipeline_id is not None and pipeline_has_url(job.pipeline_id):
             owners.append(("owner_pipeline_id", job.pipeline_id))
         targets = self._targets(event_type, job.pipeline_id, owners)
-        if not targets:
-            return
-        after = snapshot()
+        after = job
         data = {
             **job_to_wire(after),
             "previous_state": None if event.previous_state is None else event.previous_state.value,
@@ -110,8 +103,6 @@ class Outbox:
         event_type = f"pipeline.{event.state.value}"
         owners = [("owner_pipeline_id", pipeline.id)] if pipeline.spec.state_webhook_url else []
         targets = self._targets(event_type, pipeline.id, owners)
-        if not targets:
-            return
         data = {
             **pipeline_to_wire(pipeline, jobs),
             "state": event.state.value,
@@ -142,6 +133,14 @@ class Outbox:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (message_id, event_type, job_id, pipeline_id, body, self._now),
         )
+        self._conn.execute(
+            "INSERT INTO event_log (message_id, job_id, pipeline_id, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            (message_id, job_id, pipeline_id, self._now),
+        )
+        self.logged += 1
+        if not targets:
+            return
         self._conn.executemany(
             "INSERT INTO webhook_deliveries (id, message_id, endpoint_id, job_id, state,"
             " next_attempt_at, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -37,6 +37,7 @@ from gateway.models import (
     Principal,
     Runner,
     RunnerSpec,
+    StreamEvent,
 )
 from gateway.pipelines import PipelineState
 from gateway.states import FailureReason, State, Trigger
@@ -51,7 +52,7 @@ from gateway.store.base import (
     Transition,
     decode_cursor,
 )
-from gateway.store.sqlite import jobs, pipelines, runners, webhooks
+from gateway.store.sqlite import jobs, pipelines, runners, stream, webhooks
 from gateway.store.sqlite.schema import configure, migrate
 from gateway.store.sqlite.tx import Tx
 
@@ -387,6 +388,20 @@ class SQLiteStore:
 
     async def next_delivery_due(self) -> float | None:
         return await self._run(webhooks.next_due)
+
+    # -- event stream ----------------------------------------------------------------------
+
+    async def stream_head(self) -> int:
+        return await self._run(stream.stream_head)
+
+    async def read_stream(
+        self, after: int, *, pipeline_id: str | None, job_id: str | None, limit: int
+    ) -> list[StreamEvent]:
+        return await self._run(
+            lambda conn: stream.read_stream(
+                conn, after, pipeline_id=pipeline_id, job_id=job_id, limit=limit
+            )
+        )
 
 
 def _configure_and_migrate(conn: sqlite3.Connection) -> int:

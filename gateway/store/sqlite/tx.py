@@ -9,7 +9,6 @@ credentials).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -174,6 +173,21 @@ def job_event(event_id: int, params: Sequence[Any]) -> JobEvent:
     )
 
 
+def changed_job(job: Job, change: Change, now: float) -> Job:
+    """`job` as it is once `change` is written (what the sweep's bulk update leaves)."""
+    return dataclasses.replace(
+        job,
+        state=change.state,
+        failure_reason=change.failure_reason or job.failure_reason,
+        started_at=job.started_at
+        if job.started_at is not None or not change.sets_started_at
+        else now,
+        parked_at=now if change.sets_parked_at else job.parked_at,
+        finished_at=now if change.sets_finished_at else job.finished_at,
+        deadlines=change.deadlines,
+    )
+
+
 def transition_params(loaded: Loaded, change: Change, now: float) -> tuple[Any, ...]:
     """Parameters of UPDATE_TRANSITION (SET values, then the compare-and-set WHERE)."""
     d = change.deadlines
@@ -235,6 +249,7 @@ class Tx:
             credentials=self.credentials,
             requeued=self.requeued,
             deliveries=self.outbox.deliveries,
+            logged=self.outbox.logged,
         )
 
     # -- jobs ------------------------------------------------------------------------------
@@ -284,27 +299,23 @@ class Tx:
             raise StateConflict("the job changed concurrently; try again")
         after = self.job(loaded.job.id)
         if change.transitioned:
-            self._record(event_params(loaded, change, cause, self.now), loaded.job, after.job)
+            self._record(event_params(loaded, change, cause, self.now), after.job)
             if loaded.job.pipeline_id is not None:
                 self._touched.add(loaded.job.pipeline_id)
         return after
 
-    def _record(self, params: tuple[Any, ...], before: Job, after: Job) -> None:
+    def _record(self, params: tuple[Any, ...], after: Job) -> None:
         event_id = self.conn.execute(INSERT_EVENT, params).lastrowid
         assert event_id is not None
         event = job_event(event_id, params)
         self.events.append(event)
-        self.outbox.job_event(event, before, lambda: after, self.pipeline_has_url)
+        self.outbox.job_event(event, after, self.pipeline_has_url)
 
-    def record_swept(self, events: list[JobEvent], before: dict[str, Job]) -> None:
-        """Queue the webhooks of events the sweep wrote in bulk (snapshots read on demand)."""
+    def record_swept(self, events: list[JobEvent], afters: dict[str, Job]) -> None:
+        """Log and queue the events the sweep wrote in bulk, with the jobs as they now are."""
         self.events.extend(events)
         for event in events:
-            snapshot = functools.partial(self._job_snapshot, event.job_id)
-            self.outbox.job_event(event, before[event.job_id], snapshot, self.pipeline_has_url)
-
-    def _job_snapshot(self, job_id: str) -> Job:
-        return self.job(job_id).job
+            self.outbox.job_event(event, afters[event.job_id], self.pipeline_has_url)
 
     def pipeline_has_url(self, pipeline_id: str) -> bool:
         """Whether a pipeline has a state_webhook_url (read once per transaction)."""
@@ -392,9 +403,7 @@ class Tx:
             )
         inserted = self.job(job_id)
         cause = "retry" if retry_of else "created"
-        self._record(
-            (job_id, 1, state.value, None, None, cause, self.now), inserted.job, inserted.job
-        )
+        self._record((job_id, 1, state.value, None, None, cause, self.now), inserted.job)
         if pipeline_id is not None:
             self._touched.add(pipeline_id)
         return inserted
