@@ -49,6 +49,7 @@ DEFAULT_TRACE_LIMIT_BYTES = 16 * 1024 * 1024
 DEFAULT_POLL_WAIT_S = 30
 MIN_POLL_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
+CANCEL_CHECK_S = 5.0  # a silent script learns of a cancel within this
 DEFAULT_KILL_GRACE_S = 3.0
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 DRAIN_TIMEOUT_S = 2.0
@@ -850,7 +851,9 @@ class Runner:
         """While the script runs: send the trace at most `trace_interval_s` behind, and keep the
         job alive while the script is silent. Errors are waited out; cancel ends the loop."""
         backoff = self._backoff()
-        keepalive_after = run.job.heartbeat_interval_s / 2
+        # Each keepalive's answer carries Job-Status: ping often enough that a cancel reaches
+        # a silent script within seconds, not only often enough to stay alive.
+        keepalive_after = min(run.job.heartbeat_interval_s / 2, CANCEL_CHECK_S)
         while not run.kill.is_set():
             run.wake.clear()
             if run.trace.pending < self._max_patch_bytes:

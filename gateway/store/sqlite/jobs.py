@@ -259,6 +259,12 @@ def touch_continue(tx: Tx, token_hash: bytes, trigger: Trigger, log: bytes | Non
     loaded = tx.find_job("token_hash = ?", token_hash)
     if loaded is None:
         raise NotFound(UNKNOWN_TOKEN)
+    if tx.lifecycle(loaded.job).takes_early_callback:
+        # The async script still runs (its runner owns the trace): `start` and `heartbeat`
+        # change nothing yet, and the heartbeat clock starts when the job parks.
+        if log:
+            raise StateConflict("the job's script is still running; send log lines once it exits")
+        return Transition(job=loaded.job, changes=tx.changes())
     effective = trigger
     if trigger is Trigger.START and loaded.job.lifecycle.flavor is not Flavor.EXTERNAL:
         effective = Trigger.HEARTBEAT
