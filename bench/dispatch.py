@@ -1,0 +1,848 @@
+"""Benchmark of job dispatch to runners: hand-out rate, long-poll wake latency, and the
+runner-seconds an async job saves while an external system works.
+
+Run: `.venv/bin/python bench/dispatch.py [--runners R] [--jobs N] [--wakeups K] [--wait-s W]
+[--quick] [--json PATH]`. Everything is measured in one run and summarised in a table at the end:
+
+1. Hand-outs/s: a `gateway serve` subprocess with N pending script jobs (made through
+   `POST /api/v1/jobs`); R runner clients in another process each loop
+   `POST /api/v1/runner/jobs/request` (wait_s 0) -> `PUT {"state": "running"}` ->
+   `PUT {"state": "success"}` until the queue is empty (204). Every job must be handed out
+   exactly once and end `success`.
+2. Long-poll wake latency: the R clients wait in long polls (wait_s 60); K times, a script job is
+   created through the API (from the same process) and the time from sending that request to
+   the arrival of the 201 that hands it out is one sample. The client that got it confirms and
+   finishes it, re-enters its long poll, and the next job comes only once all R are waiting
+   again (plus a pause). Goal: p99 < 50 ms.
+3. The headline, with the real reference runner (`gateway runner --concurrency 2` subprocess)
+   and a fake external system (an HTTP server in this process) that finishes its work W s after
+   it was handed some: an async job whose script hands `$CI_JOB_CONTINUE_URL` to it and exits
+   (the external system calls the URL back after W s), beside a polling job whose script asks
+   for the same work and then loops `until [ -f done ]; do sleep 5; done` (the external system
+   creates the file after W s). Both run at once. Runner-seconds = the time the job occupied a
+   runner slot: `parked_at - started_at` for the async job, `finished_at - started_at` for the
+   polling one (`started_at` is the confirmation). Goal: < 1 s vs ~W s.
+
+The runner clients of 1 and 2 run in their own process (asyncio + uvloop, a minimal HTTP/1.1
+keep-alive client over asyncio streams, so their CPU cost per request stays small); everything
+only talks to 127.0.0.1, and every loop is bounded in count and time. Goals are reported, not
+enforced: the exit code is non-zero only when a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = "bench-secret-key-0123456789abcdef0123456789"
+ADMIN_TOKEN = "gw_bench-admin-token-0123456789abcdef"
+START_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 30.0
+PHASE_TIMEOUT_S = 600.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LONG_POLL_S = 60
+WAKE_PAUSE_S = (0.05, 0.10)  # after all runners are back in their long poll, before a job
+POLL_SLEEP_S = 5  # the polling job's `sleep`
+CREATE_CLIENTS = 10
+
+GOAL_WAKE_P99_MS = 50.0
+GOAL_ASYNC_RUNNER_S = 1.0
+
+
+class BenchError(Exception):
+    """A correctness check failed: the figures of this run mean nothing."""
+
+
+def fail_if(condition: bool, message: str) -> None:
+    if condition:
+        raise BenchError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Runner clients (run in a child process)
+# --------------------------------------------------------------------------------------------
+
+
+class Http:
+    """One keep-alive HTTP/1.1 connection to the gateway, one request at a time."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host, self._port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> tuple[int, bytes]:
+        """Status and body; raises on a transport error or after `timeout_s`."""
+        return await asyncio.wait_for(self._exchange(method, path, body, headers), timeout_s)
+
+    async def _exchange(
+        self, method: str, path: str, body: Any, headers: dict[str, str] | None
+    ) -> tuple[int, bytes]:
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+        assert self._reader is not None
+        payload = b"" if body is None else json.dumps(body).encode()
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {self._host}:{self._port}",
+            f"Content-Length: {len(payload)}",
+            *([] if body is None else ["Content-Type: application/json"]),
+            *(f"{name}: {value}" for name, value in (headers or {}).items()),
+        ]
+        self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+        status_line = await self._reader.readline()
+        if not status_line:
+            self.close()
+            raise ConnectionError("the gateway closed the connection")
+        status = int(status_line.split(b" ", 2)[1])
+        length = 0
+        closing = False
+        while (line := await self._reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value.strip())
+            elif name == "connection" and value.strip().lower() == "close":
+                closing = True
+        data = await self._reader.readexactly(length) if length else b""
+        if closing:
+            self.close()
+        return status, data
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def script_job(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "script", "script": ["true"], **extra}
+
+
+async def create_script_jobs(host: str, port: int, count: int) -> tuple[list[str], float]:
+    """Create `count` pending script jobs through the API; their ids and the wall time."""
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    ids: list[str] = []
+    numbers = iter(range(count))
+
+    async def creator() -> None:
+        http = Http(host, port)
+        try:
+            for number in numbers:
+                status, body = await http.request(
+                    "POST", "/api/v1/jobs", script_job(f"dispatch-{number}"), auth
+                )
+                fail_if(status != 201, f"job creation answered {status}: {body[:200]!r}")
+                ids.append(json.loads(body)["id"])
+        finally:
+            http.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(creator() for _ in range(min(CREATE_CLIENTS, count))))
+    return ids, time.perf_counter() - started
+
+
+async def finish_handed_out(http: Http, job: dict[str, Any]) -> None:
+    """Confirm a hand-out and report exit 0, checking both answers."""
+    path = f"/api/v1/runner/jobs/{job['id']}"
+    job_token = {"Job-Token": job["token"]}
+    status, body = await http.request("PUT", path, {"state": "running"}, job_token)
+    fail_if(status != 200, f"confirmation answered {status}: {body[:200]!r}")
+    status, body = await http.request("PUT", path, {"state": "success"}, job_token)
+    fail_if(status != 200, f"exit report answered {status}: {body[:200]!r}")
+    fail_if(json.loads(body)["state"] != "success", f"exit report answered {body[:200]!r}")
+
+
+@dataclass
+class HandOutRun:
+    wall_s: float
+    handed_out: list[str]
+    cycle_s: list[float]
+    client_cpu_s: float
+
+
+async def _hand_outs(host: str, port: int, runner_token: str, runners: int) -> HandOutRun:
+    auth = {"Authorization": f"Bearer {runner_token}"}
+    handed_out: list[str] = []
+    cycles: list[float] = []
+    give_up_at = time.monotonic() + PHASE_TIMEOUT_S
+
+    async def runner() -> None:
+        http = Http(host, port)
+        try:
+            while time.monotonic() < give_up_at:
+                started = time.perf_counter()
+                status, body = await http.request(
+                    "POST", "/api/v1/runner/jobs/request", {"wait_s": 0}, auth
+                )
+                if status == 204:
+                    return
+                fail_if(status != 201, f"jobs/request answered {status}: {body[:200]!r}")
+                job = json.loads(body)
+                await finish_handed_out(http, job)
+                handed_out.append(job["id"])
+                cycles.append(time.perf_counter() - started)
+        finally:
+            http.close()
+
+    cpu_before = time.process_time()
+    started = time.perf_counter()
+    await asyncio.gather(*(runner() for _ in range(runners)))
+    wall = time.perf_counter() - started
+    return HandOutRun(
+        wall_s=wall,
+        handed_out=handed_out,
+        cycle_s=cycles,
+        client_cpu_s=time.process_time() - cpu_before,
+    )
+
+
+@dataclass
+class WakeRun:
+    latencies_s: list[float]
+    create_s: list[float]
+    spurious: int
+
+
+async def _wakeups(host: str, port: int, runner_token: str, samples: int, runners: int) -> WakeRun:
+    auth = {"Authorization": f"Bearer {runner_token}"}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    waiting = [False] * runners
+    arrivals: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
+    rng = random.Random(7)
+
+    async def runner(index: int) -> None:
+        """Long-poll until handed a `drain-` job (one per client at the end), so no request is
+        left asleep in the gateway, where it could later take a job of the next phase."""
+        http = Http(host, port)
+        try:
+            while True:
+                waiting[index] = True
+                status, body = await http.request(
+                    "POST",
+                    "/api/v1/runner/jobs/request",
+                    {"wait_s": LONG_POLL_S},
+                    auth,
+                    timeout_s=LONG_POLL_S + REQUEST_TIMEOUT_S,
+                )
+                arrived = time.perf_counter()
+                waiting[index] = False
+                if status == 204:
+                    continue
+                fail_if(status != 201, f"long poll answered {status}: {body[:200]!r}")
+                job = json.loads(body)
+                arrivals.put_nowait((arrived, job["id"]))
+                await finish_handed_out(http, job)
+                if job["name"].startswith("drain-"):
+                    return
+        finally:
+            http.close()
+
+    async def all_waiting() -> None:
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while not all(waiting):
+            fail_if(time.monotonic() > deadline, "the runner clients never all waited again")
+            await asyncio.sleep(0.001)  # polling with a deadline
+
+    tasks = [asyncio.create_task(runner(i)) for i in range(runners)]
+    http = Http(host, port)
+    latencies: list[float] = []
+    creates: list[float] = []
+    spurious = 0
+    try:
+        for number in range(samples):
+            await all_waiting()
+            # Let the requests reach the server and go to sleep in their long poll.
+            await asyncio.sleep(rng.uniform(*WAKE_PAUSE_S))
+            sent = time.perf_counter()
+            status, body = await http.request(
+                "POST", "/api/v1/jobs", script_job(f"wake-{number}"), admin
+            )
+            creates.append(time.perf_counter() - sent)
+            fail_if(status != 201, f"job creation answered {status}: {body[:200]!r}")
+            job_id = json.loads(body)["id"]
+            while True:
+                get = asyncio.create_task(arrivals.get())
+                done, _ = await asyncio.wait(
+                    {get, *tasks}, timeout=REQUEST_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if get not in done:
+                    get.cancel()
+                    for task in done:
+                        task.result()  # a runner client failed: raise its error
+                    raise BenchError(
+                        f"job {job_id} was not handed out within {REQUEST_TIMEOUT_S} s"
+                    )
+                arrived, handed_id = get.result()
+                if handed_id == job_id:
+                    break
+                spurious += 1
+            latencies.append(arrived - sent)
+        for number in range(runners):
+            status, body = await http.request(
+                "POST", "/api/v1/jobs", script_job(f"drain-{number}"), admin
+            )
+            fail_if(status != 201, f"job creation answered {status}: {body[:200]!r}")
+        _, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S)
+        fail_if(bool(pending), f"{len(pending)} runner clients did not take a drain job")
+        for task in tasks:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        http.close()
+    return WakeRun(latencies_s=latencies, create_s=creates, spurious=spurious)
+
+
+def _in_child(phase: str, url: str, runner_token: str, count: int, runners: int) -> Any:
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    parts = urlsplit(url)
+    assert parts.hostname == "127.0.0.1" and parts.port is not None, "loopback only"
+    host, port = parts.hostname, parts.port
+    with asyncio.Runner(loop_factory=loop_factory) as loop:
+        if phase == "create":
+            return loop.run(create_script_jobs(host, port, count))
+        if phase == "hand-outs":
+            return loop.run(_hand_outs(host, port, runner_token, runners))
+        return loop.run(_wakeups(host, port, runner_token, count, runners))
+
+
+class RunnerClients:
+    """The separate process where the runner clients of phases 1 and 2 run."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        )
+
+    def run(self, phase: str, url: str, runner_token: str, count: int, runners: int) -> Any:
+        future = self._pool.submit(_in_child, phase, url, runner_token, count, runners)
+        return future.result(timeout=PHASE_TIMEOUT_S + 60)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Processes: the gateway and the reference runner
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the process (all its threads) so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_gateway(data_dir: Path) -> Process:
+    """`gateway serve` on a free loopback port; waits (with a deadline) for /readyz."""
+    import httpx
+
+    env = {**os.environ, "GATEWAY_SECRET_KEY": SECRET_KEY, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
+    command = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
+    command += ["--data-dir", str(data_dir)]
+    log_path = data_dir.parent / f"{data_dir.name}-serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    server = Process(proc, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.url:
+        match = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
+        if match:
+            server.url = match.group(1)
+        elif proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise BenchError(f"gateway serve did not start:\n{log_path.read_text()}")
+        else:
+            time.sleep(0.02)  # polling with a deadline
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise BenchError(f"{server.url} never became ready:\n{log_path.read_text()}")
+        time.sleep(0.02)
+
+
+def start_reference_runner(url: str, token: str, log_path: Path, concurrency: int) -> Process:
+    env = {**os.environ, "GATEWAY_RUNNER_TOKEN": token}
+    command = [sys.executable, "-m", "gateway", "runner", "--url", url]
+    command += ["--concurrency", str(concurrency)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return Process(proc, log_path, url)
+
+
+@contextlib.contextmanager
+def running(process: Process) -> Iterator[Process]:
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def api(url: str) -> Any:
+    import httpx
+
+    return httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=REQUEST_TIMEOUT_S
+    )
+
+
+def register_runner(url: str, description: str) -> str:
+    with api(url) as http:
+        response = http.post("/api/v1/runners", json={"description": description})
+    fail_if(response.status_code != 201, f"runner registration: {response.text}")
+    token: str = response.json()["token"]
+    return token
+
+
+def count_jobs(url: str, state: str) -> int:
+    """Jobs in `state`, read through `GET /api/v1/jobs` page by page."""
+    total = 0
+    cursor: str | None = None
+    with api(url) as http:
+        for _ in range(100_000):
+            params = {"state": state, "limit": "500", **({"cursor": cursor} if cursor else {})}
+            page = http.get("/api/v1/jobs", params=params)
+            fail_if(page.status_code != 200, f"listing jobs: {page.text}")
+            body = page.json()
+            total += len(body["items"])
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# The fake external system of phase 3
+# --------------------------------------------------------------------------------------------
+
+
+class ExternalSystem:
+    """Takes work over HTTP and finishes it `work_s` later: `POST /async` (body: a continue URL)
+    is called back with a terminal call; `POST /poll` (body: a file path) gets the file made."""
+
+    def __init__(self, work_s: float) -> None:
+        self.work_s = work_s
+        self.received: dict[str, float] = {}
+        self.continue_url: str | None = None
+        self.callback_status: int | None = None
+        self.callback_at: float | None = None
+        self._timers: list[threading.Timer] = []
+        system = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                system.take(self.path, body.strip())
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def take(self, path: str, body: str) -> None:
+        self.received[path] = time.time()
+        if path == "/async":
+            self.continue_url = body
+        action = self._call_back if path == "/async" else self._make_file
+        timer = threading.Timer(self.work_s, action, args=(body,))
+        self._timers.append(timer)
+        timer.start()
+
+    def _call_back(self, continue_url: str) -> None:
+        import httpx
+
+        response = httpx.post(
+            continue_url, json={"outputs": {"MACHINE": "bench-42"}}, timeout=REQUEST_TIMEOUT_S
+        )
+        self.callback_status = response.status_code
+        self.callback_at = time.time()
+
+    def _make_file(self, path: str) -> None:
+        Path(path).touch()
+
+    def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def async_script(hand_over: str) -> list[str]:
+    return [
+        'echo "handing $CI_JOB_CONTINUE_URL to the external system"',
+        hand_over.format(data='"$CI_JOB_CONTINUE_URL"', path="/async"),
+        'echo "handed over; exiting: the gateway waits, not the runner"',
+    ]
+
+
+def polling_script(hand_over: str) -> list[str]:
+    return [
+        hand_over.format(data='"$DONE_FILE"', path="/poll"),
+        f'until [ -f "$DONE_FILE" ]; do sleep {POLL_SLEEP_S}; done',
+        'echo "the external system is done"',
+    ]
+
+
+def hand_over_command() -> str:
+    """A shell command template that POSTs `{data}` to the external system's `{path}`."""
+    if shutil.which("curl"):
+        return 'curl -fsS -X POST --data-binary {data} "$EXTERNAL_URL{path}"'
+    return (
+        f'"{sys.executable}" -c "import sys, urllib.request;'
+        ' urllib.request.urlopen(sys.argv[1], data=sys.argv[2].encode())"'
+        ' "$EXTERNAL_URL{path}" {data}'
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+@dataclass
+class Results:
+    runners: int
+    jobs: int
+    wakeups: int
+    wait_s: float
+    create_per_s: float = 0.0
+    handouts_per_s: float = 0.0
+    cycle_p50_ms: float = 0.0
+    cycle_p99_ms: float = 0.0
+    client_cpu_share: float = 0.0
+    server_cpu_ms_per_handout: float = 0.0
+    wake_p50_ms: float = 0.0
+    wake_p99_ms: float = 0.0
+    wake_max_ms: float = 0.0
+    wake_create_p50_ms: float = 0.0
+    wake_spurious: int = 0
+    async_runner_s: float = 0.0
+    async_total_s: float = 0.0
+    polling_runner_s: float = 0.0
+    busy_slots_during_wait: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def bench_hand_outs(gateway: Process, clients: RunnerClients, results: Results) -> None:
+    url, jobs, runners = gateway.url, results.jobs, results.runners
+    print(f"[1] hand-outs: {jobs} pending script jobs, {runners} runner clients ...")
+    token = register_runner(url, "bench hand-outs")
+    ids, create_s = clients.run("create", url, "", jobs, CREATE_CLIENTS)
+    cpu_before = gateway.cpu_s()
+    run: HandOutRun = clients.run("hand-outs", url, token, jobs, runners)
+    results.server_cpu_ms_per_handout = (gateway.cpu_s() - cpu_before) * 1000 / jobs
+    fail_if(sorted(run.handed_out) != sorted(ids), "the jobs handed out are not the jobs created")
+    results.create_per_s = len(ids) / create_s
+    results.handouts_per_s = len(run.handed_out) / run.wall_s
+    ordered = sorted(run.cycle_s)
+    results.cycle_p50_ms = percentile(ordered, 0.50) * 1000
+    results.cycle_p99_ms = percentile(ordered, 0.99) * 1000
+    results.client_cpu_share = run.client_cpu_s / run.wall_s
+    print(
+        f"  created {len(ids)} jobs in {create_s:.2f} s ({results.create_per_s:,.0f}/s);"
+        f" {len(run.handed_out)} request -> confirm -> exit cycles in {run.wall_s:.2f} s:"
+        f" {results.handouts_per_s:,.0f} hand-outs/s, cycle p50 {results.cycle_p50_ms:.1f} ms,"
+        f" p99 {results.cycle_p99_ms:.1f} ms; client CPU {results.client_cpu_share:.0%} of a core;"
+        f" server CPU {results.server_cpu_ms_per_handout:.2f} ms per cycle"
+    )
+    succeeded = count_jobs(url, "success")
+    left = count_jobs(url, "pending") + count_jobs(url, "running")
+    fail_if(succeeded != jobs, f"{succeeded} of {jobs} jobs ended success")
+    fail_if(left != 0, f"{left} jobs are still pending or running")
+    print(f"  checked: each job handed out once; all {succeeded} success through the API")
+
+
+def bench_wakeups(url: str, clients: RunnerClients, results: Results) -> None:
+    samples, runners = results.wakeups, results.runners
+    print(f"[2] long-poll wake latency: {runners} runners waiting, {samples} jobs one by one ...")
+    token = register_runner(url, "bench wake-ups")
+    before = count_jobs(url, "success")
+    run: WakeRun = clients.run("wake-ups", url, token, samples, runners)
+    ordered = sorted(run.latencies_s)
+    results.wake_p50_ms = percentile(ordered, 0.50) * 1000
+    results.wake_p99_ms = percentile(ordered, 0.99) * 1000
+    results.wake_max_ms = ordered[-1] * 1000
+    results.wake_create_p50_ms = percentile(sorted(run.create_s), 0.50) * 1000
+    results.wake_spurious = run.spurious
+    print(
+        f"  create sent -> hand-out received: p50 {results.wake_p50_ms:.1f} ms, p99"
+        f" {results.wake_p99_ms:.1f} ms, max {results.wake_max_ms:.1f} ms (the create call"
+        f" itself: p50 {results.wake_create_p50_ms:.1f} ms)"
+    )
+    fail_if(run.spurious != 0, f"{run.spurious} hand-outs of jobs not created by this phase")
+    done = count_jobs(url, "success") - before
+    expected = samples + runners  # and one drain job per runner client
+    fail_if(done != expected, f"{done} of {expected} wake-up jobs ended success")
+    fail_if(count_jobs(url, "pending") != 0, "a wake-up job is still pending")
+
+
+def bench_runner_seconds(url: str, work: Path, results: Results) -> None:
+    wait_s = results.wait_s
+    print(
+        f"[3] runner-seconds while an external system works {wait_s:g} s: async job vs polling"
+        " job, reference runner (gateway runner --concurrency 2) ..."
+    )
+    token = register_runner(url, "bench reference runner")
+    external = ExternalSystem(wait_s)
+    done_file = work / "external-done"
+    hand_over = hand_over_command()
+    common = {"kind": "script", "callback_timeout_s": int(wait_s) + 300}
+    variables = {"EXTERNAL_URL": external.url, "DONE_FILE": str(done_file)}
+    try:
+        with running(start_reference_runner(url, token, work / "runner.log", 2)), api(url) as http:
+            created = {}
+            for name, script, is_async in (
+                ("async-wait", async_script(hand_over), True),
+                ("polling-wait", polling_script(hand_over), False),
+            ):
+                body = {
+                    "name": name,
+                    "script": script,
+                    "async": is_async,
+                    "variables": variables,
+                    **common,
+                }
+                response = http.post("/api/v1/jobs", json=body)
+                fail_if(response.status_code != 201, f"creating {name}: {response.text}")
+                created[name] = response.json()["id"]
+            jobs = wait_for_jobs(http, created, wait_s, results)
+            traces = {
+                name: http.get(f"/api/v1/jobs/{job_id}/trace").text
+                for name, job_id in created.items()
+            }
+    finally:
+        external.close()
+    async_job, polling_job = jobs["async-wait"], jobs["polling-wait"]
+    for name, job in jobs.items():
+        fail_if(job["state"] != "success", f"{name} ended {job['state']} ({job['failure_reason']})")
+    fail_if(external.callback_status != 200, f"the callback answered {external.callback_status}")
+    fail_if(async_job["parked_at"] is None, "the async job was never parked")
+    fail_if(async_job["outputs"] != {"MACHINE": "bench-42"}, "the callback's outputs are missing")
+    url_token = (external.continue_url or "").rsplit("/", 1)[-1]
+    fail_if(not url_token, "the external system never got the continue URL")
+    fail_if(url_token in traces["async-wait"], "the continue URL's token is in the trace")
+    fail_if("handing [MASKED] to" not in traces["async-wait"], "the URL is not masked")
+    results.async_runner_s = epoch(async_job["parked_at"]) - epoch(async_job["started_at"])
+    results.async_total_s = epoch(async_job["finished_at"]) - epoch(async_job["started_at"])
+    results.polling_runner_s = epoch(polling_job["finished_at"]) - epoch(polling_job["started_at"])
+    print(
+        f"  async job: on a runner {results.async_runner_s:.3f} s (started -> parked), then"
+        f" waiting; success {results.async_total_s:.1f} s after it started"
+    )
+    print(f"  polling job: on a runner {results.polling_runner_s:.1f} s (started -> finished)")
+    print(f"  runner slots busy halfway through the wait: {results.busy_slots_during_wait} of 2")
+
+
+def wait_for_jobs(
+    http: Any, created: dict[str, str], wait_s: float, results: Results
+) -> dict[str, dict[str, Any]]:
+    """Poll the jobs (with a deadline) until both are terminal; halfway through the wait, note
+    how many runner slots are busy (only the polling job should hold one)."""
+    deadline = time.monotonic() + wait_s + POLL_SLEEP_S + 90
+    halfway: float | None = None
+    jobs: dict[str, dict[str, Any]] = {}
+    while True:
+        jobs = {name: http.get(f"/api/v1/jobs/{job_id}").json() for name, job_id in created.items()}
+        if all(job["state"] in ("success", "failed", "canceled") for job in jobs.values()):
+            return jobs
+        started = [job["started_at"] for job in jobs.values() if job["started_at"]]
+        if halfway is None and len(started) == len(jobs):
+            halfway = max(epoch(stamp) for stamp in started) + wait_s / 2
+        if halfway is not None and time.time() >= halfway and not results.busy_slots_during_wait:
+            runners = http.get("/api/v1/runners").json()["items"]
+            busy = [r for r in runners if r["description"] == "bench reference runner"]
+            results.busy_slots_during_wait = len(busy[0]["running_job_ids"]) if busy else -1
+            halfway = math.inf
+        fail_if(time.monotonic() > deadline, f"the jobs did not finish: {jobs}")
+        time.sleep(0.2)  # polling with a deadline
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def summary(results: Results) -> list[tuple[str, str, str, str]]:
+    """The table's rows: figure, value, goal, met?"""
+    r, w = results.runners, results.wait_s
+    rows: list[tuple[str, str, str, str]] = []
+
+    def info(figure: str, value: str) -> None:
+        rows.append((figure, value, "-", "-"))
+
+    def goal(figure: str, value: str, target: str, met: bool) -> None:
+        rows.append((figure, value, target, "yes" if met else "NO"))
+
+    info(f"hand-outs/s, request->confirm->exit ({r} runners)", f"{results.handouts_per_s:,.0f}")
+    info("hand-out cycle p50 / p99", f"{results.cycle_p50_ms:.1f} / {results.cycle_p99_ms:.1f} ms")
+    info(
+        "server CPU per request->confirm->exit cycle",
+        f"{results.server_cpu_ms_per_handout:.2f} ms",
+    )
+    info("job creation via API (jobs/s)", f"{results.create_per_s:,.0f}")
+    info(f"long-poll wake latency p50 ({r} waiting)", f"{results.wake_p50_ms:.1f} ms")
+    p99 = results.wake_p99_ms
+    goal(
+        f"long-poll wake latency p99 ({r} waiting)",
+        f"{p99:.1f} ms",
+        f"< {GOAL_WAKE_P99_MS:.0f} ms",
+        p99 < GOAL_WAKE_P99_MS,
+    )
+    info("long-poll wake latency max", f"{results.wake_max_ms:.1f} ms")
+    seconds = results.async_runner_s
+    goal(
+        f"runner-seconds, async job ({w:g} s external wait)",
+        f"{seconds:.3f} s",
+        f"< {GOAL_ASYNC_RUNNER_S:.0f} s",
+        seconds < GOAL_ASYNC_RUNNER_S,
+    )
+    polling = results.polling_runner_s
+    goal(
+        f"runner-seconds, polling job (sleep {POLL_SLEEP_S} loop)",
+        f"{polling:.1f} s",
+        f"~{w:g} s",
+        w <= polling <= w + POLL_SLEEP_S + 2,
+    )
+    info("async job: started -> success", f"{results.async_total_s:.1f} s")
+    info("runner slots busy mid-wait (of 2)", str(results.busy_slots_during_wait))
+    return rows
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    header = ("figure", "value", "goal", "met?")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    print()
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def describe_checkout() -> str:
+    """The commit measured, and whether the work tree differs from it."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "(not a git checkout)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runners", type=int, default=8, help="runner clients R (8)")
+    parser.add_argument("--jobs", type=int, help="jobs handed out (default 2000; quick 300)")
+    parser.add_argument("--wakeups", type=int, help="wake-up samples (default 300; quick 60)")
+    parser.add_argument("--wait-s", type=float, help="external system's work W (60; quick 10)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, well under a minute")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    results = Results(
+        runners=args.runners,
+        jobs=args.jobs or (300 if args.quick else 2_000),
+        wakeups=args.wakeups or (60 if args.quick else 300),
+        wait_s=args.wait_s or (10.0 if args.quick else 60.0),
+    )
+    print(
+        f"bench/dispatch.py: {results.runners} runner clients, {results.jobs} hand-outs,"
+        f" {results.wakeups} wake-ups, W = {results.wait_s:g} s; {os.cpu_count()} CPUs;"
+        f" {time.strftime('%Y-%m-%d %H:%M %Z')}; code {describe_checkout()}"
+    )
+    started = time.perf_counter()
+    clients = RunnerClients()
+    try:
+        with tempfile.TemporaryDirectory(prefix="gateway-bench-dispatch-") as tmp:
+            work = Path(tmp)
+            with running(start_gateway(work / "gateway")) as gateway:
+                bench_hand_outs(gateway, clients, results)
+                bench_wakeups(gateway.url, clients, results)
+                bench_runner_seconds(gateway.url, work, results)
+    except BenchError as exc:
+        print(f"bench/dispatch.py: CHECK FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        clients.close()
+    print_table(summary(results))
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    if args.json:
+        record = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **asdict(results)}
+        args.json.write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
