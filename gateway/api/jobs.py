@@ -13,11 +13,11 @@ from starlette.routing import Route
 from gateway.api.common import Context, authenticated, json, query_int, query_limit, read_body
 from gateway.api.webhooks import check_subscription
 from gateway.errors import MalformedRequest, NotFound
+from gateway.masking import mask_all
 from gateway.models import Job, JobSpec, Variable, decode_body, event_to_wire, job_to_wire
 from gateway.states import State
 from gateway.store.base import Changes
 
-MASK = b"[MASKED]"
 _MASK_WINDOW = 4096
 
 
@@ -124,12 +124,6 @@ def secrets_of(
     return sorted(found, key=len, reverse=True)
 
 
-def mask(data: bytes, secrets: list[bytes]) -> bytes:
-    for secret in secrets:
-        data = data.replace(secret, MASK)
-    return data
-
-
 async def read_trace(request: Request) -> Response:
     ctx, _ = await authenticated(request)
     job = await _job_or_404(ctx, request.path_params["job_id"])
@@ -139,8 +133,8 @@ async def read_trace(request: Request) -> Response:
     raw = await ctx.store.read_trace(job.id, start)
     pipeline = None if job.pipeline_id is None else await ctx.store.get_pipeline(job.pipeline_id)
     secrets = secrets_of(ctx, job, None if pipeline is None else pipeline.pipeline.spec.variables)
-    head = mask(raw[: offset - start], secrets)
-    whole = mask(raw, secrets)
+    head = mask_all(raw[: offset - start], secrets)
+    whole = mask_all(raw, secrets)
     return PlainTextResponse(
         whole[len(head) :].decode(errors="replace"),
         headers={"X-Trace-Size": str(start + len(raw))},

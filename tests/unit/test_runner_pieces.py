@@ -11,16 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.cli import _parser
+from gateway.masking import MASK, Masker, mask_all
 from gateway.runner import (
-    MASK,
     Backoff,
     JobPayload,
-    Masker,
     TraceLog,
     _register_command,
     _run_command,
     backoff_delay,
-    mask_all,
     parse_range_size,
     retry_after_s,
     script_text,
