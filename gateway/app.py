@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from gateway.api import (
+    artifacts,
     continuation,
     jobs,
     ops,
@@ -27,6 +28,7 @@ from gateway.api import (
 )
 from gateway.api.common import Context
 from gateway.api.openapi import build_openapi
+from gateway.artifacts import ArtifactLinks
 from gateway.auth import Authenticator
 from gateway.clock import Clock, SystemClock
 from gateway.config import Settings
@@ -34,6 +36,7 @@ from gateway.errors import (
     AlreadyFinal,
     Forbidden,
     GatewayError,
+    Gone,
     IllegalTransition,
     InvalidField,
     MalformedRequest,
@@ -61,6 +64,7 @@ STATUS_BY_ERROR: list[tuple[type[GatewayError], int]] = [
     (Unauthorized, 401),
     (Forbidden, 403),
     (NotFound, 404),
+    (Gone, 410),
     (AlreadyFinal, 409),
     (NotReady, 409),
     (NotLatestAttempt, 409),
@@ -143,8 +147,9 @@ def create_app(
     the store opens and migrates, and the sweeper and the webhook dispatcher start, when the
     app's lifespan starts (tests drive them by hand: `run_sweeper=False`)."""
     clock = clock or SystemClock()
-    store = store or open_store(settings)
     secret_key = load_or_create(settings.secret_key, settings.data_dir, SECRET_KEY_FILE)
+    links = ArtifactLinks(secret_key.value, settings.base_url, settings.artifact_url_ttl_s)
+    store = store or open_store(settings, links)
     admin_token = load_or_create(settings.admin_token, settings.data_dir, ADMIN_TOKEN_FILE)
     webhook_secret = load_or_create(settings.webhook_secret, settings.data_dir, WEBHOOK_SECRET_FILE)
     metrics = Metrics()
@@ -156,9 +161,15 @@ def create_app(
         ids=IdGenerator(),
         metrics=metrics,
         auth=Authenticator(store, clock),
+        artifact_links=links,
     )
     sweeper = Sweeper(
-        store, clock, metrics, interval_s=settings.sweep_interval_s, publish=ctx.publish
+        store,
+        clock,
+        metrics,
+        interval_s=settings.sweep_interval_s,
+        publish=ctx.publish,
+        retention_s=settings.retention_days * 86_400,
     )
     dispatcher = Dispatcher(
         store,
@@ -212,6 +223,7 @@ def create_app(
             *runner.routes,
             *webhooks.routes,
             *stream.routes,
+            *artifacts.routes,
             *continuation.routes,
             *ops.routes,
         ],

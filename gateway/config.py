@@ -30,6 +30,9 @@ DEFAULT_WEBHOOK_TIMEOUT_S = 15.0
 DEFAULT_WEBHOOK_DISABLE_AFTER_S = 5 * 86_400
 DEFAULT_WEBHOOK_CONCURRENCY = 32
 DEFAULT_WEBHOOK_ENDPOINT_CONCURRENCY = 4
+DEFAULT_WEBHOOK_INLINE_BYTES = 262_144
+DEFAULT_MAX_ARTIFACT_BYTES = 10_485_760
+DEFAULT_ARTIFACT_URL_TTL_S = 7 * 86_400
 SWEEP_BATCH_SIZE = 1000
 
 
@@ -58,6 +61,9 @@ class Settings:
     webhook_disable_after_s: int = DEFAULT_WEBHOOK_DISABLE_AFTER_S
     webhook_concurrency: int = DEFAULT_WEBHOOK_CONCURRENCY
     webhook_endpoint_concurrency: int = DEFAULT_WEBHOOK_ENDPOINT_CONCURRENCY
+    webhook_inline_bytes: int = DEFAULT_WEBHOOK_INLINE_BYTES
+    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    artifact_url_ttl_s: int = DEFAULT_ARTIFACT_URL_TTL_S
 
     @property
     def base_url(self) -> str:
@@ -113,9 +119,13 @@ class Settings:
             "webhook_disable_after_s",
             "webhook_concurrency",
             "webhook_endpoint_concurrency",
+            "max_artifact_bytes",
+            "artifact_url_ttl_s",
         ):
             if not 0 < getattr(self, name) < math.inf:  # also refuses NaN
                 raise ConfigError(f"GATEWAY_{name.upper()} must be positive and finite")
+        if self.webhook_inline_bytes < 0:
+            raise ConfigError("GATEWAY_WEBHOOK_INLINE_BYTES must be 0 (never inline) or more")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ConfigError("GATEWAY_PUBLIC_URL must start with http:// or https://")
         self.sqlite_path  # noqa: B018 - raises on an unsupported scheme

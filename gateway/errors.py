@@ -7,6 +7,7 @@
     │   ├── Unauthorized           401 unauthorized
     │   ├── Forbidden              403 forbidden
     │   ├── NotFound               404 not_found
+    │   ├── Gone                   410 gone (an artifact link past its expiry)
     │   ├── InvalidField           422 invalid
     │   ├── PayloadTooLarge        413 too_large
     │   ├── RangeNotSatisfiable    416 range_not_satisfiable (carries the trace size)
@@ -69,6 +70,10 @@ class Forbidden(RequestError):
 
 class NotFound(RequestError):
     code = "not_found"
+
+
+class Gone(RequestError):
+    code = "gone"
 
 
 class InvalidField(RequestError):

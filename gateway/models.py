@@ -186,6 +186,16 @@ def decode_body(raw: bytes, into: type[T]) -> T:
 
 
 @dataclass(frozen=True)
+class Artifact:
+    """What is known of an uploaded artifact without reading its bytes."""
+
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Job:
     """One job attempt as stored."""
 
@@ -212,6 +222,7 @@ class Job:
     retried: bool = False
     needs: tuple[str, ...] = ()
     runner_id: str | None = None
+    artifacts: tuple[Artifact, ...] = ()
 
     @property
     def lifecycle(self) -> Lifecycle:
@@ -364,7 +375,16 @@ def job_to_wire(job: Job) -> dict[str, Any]:
         "tags": job.spec.tags,
         "needs": list(job.needs),
         "runner_id": job.runner_id,
-        "artifacts": [],
+        "artifacts": [artifact_to_wire(artifact) for artifact in job.artifacts],
+    }
+
+
+def artifact_to_wire(artifact: Artifact) -> dict[str, Any]:
+    return {
+        "name": artifact.name,
+        "content_type": artifact.content_type,
+        "size": artifact.size,
+        "sha256": artifact.sha256,
     }
 
 

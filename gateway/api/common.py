@@ -10,6 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from gateway.artifacts import ArtifactLinks
 from gateway.auth import Authenticator
 from gateway.clock import Clock
 from gateway.config import Settings
@@ -34,6 +35,7 @@ class Context:
     ids: IdGenerator
     metrics: Metrics
     auth: Authenticator
+    artifact_links: ArtifactLinks | None = None
     wakeup: WakeUp = field(default_factory=lambda: WakeUp())
     events: WakeUp = field(default_factory=lambda: WakeUp())
     deliveries_committed: Callable[[], None] = lambda: None

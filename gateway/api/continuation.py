@@ -11,10 +11,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.api.artifacts import new_upload, upload_problem
 from gateway.api.common import Context, context, json, read_body
 from gateway.clock import rfc3339
 from gateway.errors import GatewayError, InvalidField, NotFound, PayloadTooLarge, StateConflict
-from gateway.models import ContinueCall, Job
+from gateway.models import ContinueCall, Job, artifact_to_wire
 from gateway.states import Trigger
 from gateway.store.base import ContinueOutcome
 
@@ -38,10 +39,12 @@ def _state_view(job: Job) -> dict[str, object]:
     return {"job_id": job.id, "state": job.state.value, "deadline_at": rfc3339(job.deadline_at)}
 
 
-async def _body_after_token_check(ctx: Context, request: Request, digest: bytes) -> bytes:
+async def _body_after_token_check(
+    ctx: Context, request: Request, digest: bytes, limit: int | None = None
+) -> bytes:
     """The body; an oversized one is refused with 413 only once the token is known valid."""
     try:
-        return await read_body(request, ctx.settings.max_body_bytes)
+        return await read_body(request, limit or ctx.settings.max_body_bytes)
     except PayloadTooLarge:
         if await ctx.store.find_by_continue_token(digest) is None:
             raise unknown_token() from None
@@ -123,10 +126,31 @@ async def append_log(request: Request) -> Response:
     return await _touch(request, Trigger.HEARTBEAT, with_log=True)
 
 
+async def put_artifact(request: Request) -> Response:
+    """Upload an artifact (a heartbeat, as `/log` is). Token (404), size (413), name and
+    content type (422), then the job's state (409)."""
+    ctx = context(request)
+    digest = _token_hash(ctx, request)
+    data = await _body_after_token_check(ctx, request, digest, ctx.settings.max_artifact_bytes)
+    problem = upload_problem(request)
+    if problem is not None:
+        if await ctx.store.find_by_continue_token(digest) is None:
+            raise unknown_token()
+        raise InvalidField(problem)
+    upload = await new_upload(request, data)
+    try:
+        stored = await ctx.store.put_artifact(digest, upload, ctx.clock.now())
+    except NotFound:
+        raise unknown_token() from None
+    ctx.publish(stored.changes)
+    return json(artifact_to_wire(stored.artifact), 201)
+
+
 routes = [
     Route("/continue/{token}", post_continue, methods=["POST"]),
     Route("/continue/{token}", get_continue, methods=["GET", "HEAD"]),
     Route("/continue/{token}/start", start, methods=["POST"]),
     Route("/continue/{token}/heartbeat", heartbeat, methods=["POST"]),
     Route("/continue/{token}/log", append_log, methods=["POST"]),
+    Route("/continue/{token}/artifacts/{name}", put_artifact, methods=["PUT"]),
 ]

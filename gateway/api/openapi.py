@@ -61,7 +61,7 @@ _WIRE_SCHEMAS: dict[str, Any] = {
             "deadline_at": _TIME,
             "metadata": {},
             "tags": {"type": "array", "items": {"type": "string"}},
-            "artifacts": {"type": "array", "items": {"type": "object"}},
+            "artifacts": {"type": "array", "items": _ref("Artifact")},
             "continue_url": {
                 "type": "string",
                 "description": "only in the answers to create and retry, for external jobs",
@@ -205,6 +205,15 @@ _WIRE_SCHEMAS: dict[str, Any] = {
     },
     "JobState": {"type": "object", "properties": {"state": {"type": "string"}}},
     "TraceSize": {"type": "object", "properties": {"size": {"type": "integer"}}},
+    "Artifact": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+            "content_type": {"type": "string"},
+            "size": {"type": "integer"},
+            "sha256": {"type": "string", "description": "hex digest of the bytes"},
+        },
+    },
 }
 
 
@@ -502,6 +511,7 @@ def build_openapi() -> dict[str, Any]:
     paths["/continue/{token}/log"]["post"]["requestBody"] = {
         "content": {"text/plain": {"schema": {"type": "string"}}}
     }
+    paths.update(_artifact_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "gateway", "version": __version__},
@@ -513,6 +523,51 @@ def build_openapi() -> dict[str, Any]:
                 "runner": {"type": "http", "scheme": "bearer", "description": "a runner token"},
             },
         },
+    }
+
+
+_BYTES = {"content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def _artifact_paths() -> dict[str, Any]:
+    """Uploads (the body is the artifact, its `Content-Type` kept) and downloads."""
+    name = [_path_param("name")]
+    by_continue = _op(
+        "Upload an artifact (a heartbeat; replaces one of the same name)",
+        (201, "Artifact"),
+        (404, 409, 413, 422),
+        auth=False,
+        params=[*_TOKEN, *name],
+    )
+    by_runner = _runner_op(
+        "Upload an artifact while the job runs (Job-Token)",
+        (201, "Artifact"),
+        (401, 403, 409, 413, 422),
+        params=[*_JOB, *name, _header("Job-Token")],
+    )
+    download = _op(
+        "Download an artifact (an attachment with its content type)",
+        (200, None),
+        (401, 404),
+        params=[*_JOB, *name],
+    )
+    by_link = _op(
+        "Download an artifact through the signed link of a terminal event (no other"
+        " credential; 410 once expired)",
+        (200, None),
+        (404, 410),
+        auth=False,
+        params=[_path_param("signed")],
+    )
+    for op in (by_continue, by_runner):
+        op["requestBody"] = {"required": True, **_BYTES}
+    for op in (download, by_link):
+        op["responses"]["200"].update(_BYTES)
+    return {
+        "/continue/{token}/artifacts/{name}": {"put": by_continue},
+        "/api/v1/runner/jobs/{job_id}/artifacts/{name}": {"put": by_runner},
+        "/api/v1/jobs/{job_id}/artifacts/{name}": {"get": download},
+        "/artifacts/{signed}": {"get": by_link},
     }
 
 

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.api.artifacts import new_upload, upload_problem
 from gateway.api.common import Context, context, json, read_body
 from gateway.errors import (
     AlreadyFinal,
@@ -26,7 +27,7 @@ from gateway.errors import (
     RangeNotSatisfiable,
     Unauthorized,
 )
-from gateway.models import ExitCode, HandOut, Runner, Variable, decode_body
+from gateway.models import ExitCode, HandOut, Runner, Variable, artifact_to_wire, decode_body
 from gateway.states import RUNNER_REPORTABLE_REASONS, FailureReason, State
 from gateway.tokens import new_job_token, token_hash
 
@@ -221,8 +222,26 @@ async def append_trace(request: Request) -> Response:
     )
 
 
+@_job_status_on_errors
+async def put_artifact(request: Request) -> Response:
+    """Upload an artifact while the job runs (a keepalive, as a trace append is)."""
+    ctx = context(request)
+    job_token = _job_token(request)
+    problem = upload_problem(request)
+    if problem is not None:
+        raise InvalidField(problem)
+    data = await read_body(request, ctx.settings.max_artifact_bytes)
+    upload = await new_upload(request, data)
+    stored = await ctx.store.put_runner_artifact(
+        request.path_params["job_id"], job_token, upload, ctx.clock.now()
+    )
+    ctx.publish(stored.changes)
+    return _with_status(stored.job.state, artifact_to_wire(stored.artifact), 201)
+
+
 routes = [
     Route("/api/v1/runner/jobs/request", request_job, methods=["POST"]),
     Route("/api/v1/runner/jobs/{job_id}", update_job, methods=["PUT"]),
     Route("/api/v1/runner/jobs/{job_id}/trace", append_trace, methods=["PATCH"]),
+    Route("/api/v1/runner/jobs/{job_id}/artifacts/{name}", put_artifact, methods=["PUT"]),
 ]

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from gateway.artifacts import ArtifactLinks
 from gateway.config import Settings
 from gateway.store.base import Policy, Store
 from gateway.store.sqlite import SQLiteStore
 
 
-def open_store(settings: Settings) -> Store:
-    """The store `settings.db` names (embedded SQLite by default); not yet opened."""
+def open_store(settings: Settings, links: ArtifactLinks | None = None) -> Store:
+    """The store `settings.db` names (embedded SQLite by default); not yet opened. `links`
+    sign the artifact URLs frozen into terminal events."""
     policy = Policy(
         confirm_timeout_s=settings.confirm_timeout_s,
         runner_timeout_s=settings.runner_heartbeat_timeout_s,
+        inline_bytes=settings.webhook_inline_bytes,
     )
-    return SQLiteStore(settings.sqlite_path, policy)
+    return SQLiteStore(settings.sqlite_path, policy, links)
 
 
 __all__ = ["Policy", "SQLiteStore", "Store", "open_store"]

@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from gateway.config import DEFAULT_CONFIRM_TIMEOUT_S, DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S
+from gateway.artifacts import ArtifactUpload
+from gateway.config import (
+    DEFAULT_CONFIRM_TIMEOUT_S,
+    DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S,
+    DEFAULT_WEBHOOK_INLINE_BYTES,
+)
 from gateway.errors import GatewayError, MalformedRequest
 from gateway.models import (
+    Artifact,
     ContinueCall,
     Delivery,
     DeliveryClaim,
@@ -58,6 +64,7 @@ class Policy:
 
     confirm_timeout_s: int = DEFAULT_CONFIRM_TIMEOUT_S
     runner_timeout_s: int = DEFAULT_RUNNER_HEARTBEAT_TIMEOUT_S
+    inline_bytes: int = DEFAULT_WEBHOOK_INLINE_BYTES  # artifacts inlined in a terminal event
 
 
 class Minter(Protocol):
@@ -117,6 +124,30 @@ class TraceAppend:
     job: Job
     size: int
     changes: Changes
+
+
+@dataclass(frozen=True)
+class ArtifactStored:
+    """An upload kept: the job after it (its artifacts listed), and what was stored."""
+
+    job: Job
+    artifact: Artifact
+    changes: Changes
+
+
+@dataclass(frozen=True)
+class ArtifactBlob:
+    artifact: Artifact
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one retention batch deleted; `more` when it stopped at its limit."""
+
+    jobs: int
+    pipelines: int
+    more: bool
 
 
 @dataclass(frozen=True)
@@ -205,6 +236,30 @@ class Store(Protocol):
     async def expire_overdue(self, now: float, limit: int) -> Sweep:
         """Fire up to `limit` due deadlines, earliest first: fail the job, or put a hand-out
         nobody confirmed back in the queue."""
+
+    async def put_artifact(
+        self, token_hash: bytes, upload: ArtifactUpload, now: float
+    ) -> ArtifactStored:
+        """An upload through the continue URL: a heartbeat (the job's state decides, as for
+        `/log`: AlreadyFinal once terminal, NotReady before its needs are met) that also keeps
+        the artifact, replacing one of the same name; while an async script still runs it is
+        kept and nothing else moves. NotFound for an unknown token."""
+
+    async def put_runner_artifact(
+        self, job_id: str, job_token_hash: bytes, upload: ArtifactUpload, now: float
+    ) -> ArtifactStored:
+        """An upload by the job's runner while it runs (a runner ping). Forbidden for a token
+        that is not this job's; AlreadyFinal once terminal, IllegalTransition otherwise."""
+
+    async def get_artifact(self, job_id: str, name: str) -> ArtifactBlob | None:
+        """The artifact with its bytes; None when the job or the artifact does not exist."""
+
+    async def prune(self, before: float, limit: int, now: float) -> Pruned:
+        """Delete, in one short transaction, up to `limit` terminal standalone jobs finished
+        before `before` (each with its earlier attempts) and finished pipelines (with all their
+        jobs, up to about `limit` jobs), with everything they own: events, traces, artifacts,
+        webhook messages, deliveries, attempts and implicit endpoints. A job with a delivery
+        leased right now waits for the next batch."""
 
     async def create_pipeline(
         self,

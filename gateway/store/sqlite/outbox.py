@@ -2,17 +2,32 @@
 message (the frozen body, which is also what the live event stream serves), an entry in the
 global event log, and one delivery per matching endpoint. Nothing is sent here; the dispatcher
 claims due deliveries later, so a crash at any point loses nothing.
+
+A job's terminal event lists its artifacts with their bytes inlined (smallest first, within
+the inline budget) or with an expiring signed URL, minted now and frozen into the body.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.models import Job, JobEvent, Pipeline, PipelineEvent, job_to_wire, pipeline_to_wire
+from gateway.artifacts import ArtifactLinks
+from gateway.clock import rfc3339
+from gateway.config import DEFAULT_WEBHOOK_INLINE_BYTES
+from gateway.models import (
+    Job,
+    JobEvent,
+    Pipeline,
+    PipelineEvent,
+    artifact_to_wire,
+    job_to_wire,
+    pipeline_to_wire,
+)
 from gateway.webhooks import events as wire
 
 ENDPOINT_COLUMNS = "id, url, events, pipeline_id, owner_job_id, owner_pipeline_id, enabled"
@@ -37,10 +52,20 @@ def _target(row: Sequence[Any]) -> Target:
 class Outbox:
     """Per-transaction access to endpoints (explicit ones read once) and message writing."""
 
-    def __init__(self, conn: sqlite3.Connection, new_id: Callable[[], str], now: float) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        new_id: Callable[[], str],
+        now: float,
+        *,
+        inline_bytes: int = DEFAULT_WEBHOOK_INLINE_BYTES,
+        links: ArtifactLinks | None = None,
+    ) -> None:
         self._conn = conn
         self._new_id = new_id
         self._now = now
+        self._inline_bytes = inline_bytes
+        self._links = links
         self._explicit: list[Target] | None = None
         self.deliveries = 0
         self.logged = 0
@@ -90,6 +115,8 @@ class Outbox:
             "previous_state": None if event.previous_state is None else event.previous_state.value,
             "sequence": event.sequence,
         }
+        if event.state.terminal and after.artifacts:
+            data["artifacts"] = self._terminal_artifacts(after)
         self._write(
             wire.message_id("job", job.id, event.sequence),
             event_type,
@@ -98,6 +125,37 @@ class Outbox:
             job_id=job.id,
             pipeline_id=job.pipeline_id,
         )
+
+    def _terminal_artifacts(self, job: Job) -> list[dict[str, Any]]:
+        """Every artifact's metadata; the smallest ones, while their total stays within the
+        inline budget, with `content_base64`; the others with a signed `url` (none when the
+        store was given no links)."""
+        inline: list[str] = []
+        total = 0
+        for artifact in sorted(job.artifacts, key=lambda a: (a.size, a.name)):
+            if total + artifact.size > self._inline_bytes:
+                break
+            inline.append(artifact.name)
+            total += artifact.size
+        contents: dict[str, bytes] = {}
+        if inline:
+            rows = self._conn.execute(
+                "SELECT name, data FROM artifacts WHERE job_id = ?"
+                " AND name IN (SELECT value FROM json_each(?))",
+                (job.id, json.dumps(inline)),
+            ).fetchall()
+            contents = dict(rows)
+        listing = []
+        for artifact in job.artifacts:
+            entry = artifact_to_wire(artifact)
+            if artifact.name in contents:
+                entry["content_base64"] = base64.b64encode(contents[artifact.name]).decode()
+            elif self._links is not None:
+                url, expires_at = self._links.mint(job.id, artifact.name, self._now)
+                entry["url"] = url
+                entry["url_expires_at"] = rfc3339(expires_at)
+            listing.append(entry)
+        return listing
 
     def pipeline_event(self, event: PipelineEvent, pipeline: Pipeline, jobs: list[Job]) -> None:
         event_type = f"pipeline.{event.state.value}"

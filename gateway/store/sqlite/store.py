@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import aiosqlite
 
+from gateway.artifacts import ArtifactLinks, ArtifactUpload
 from gateway.errors import GatewayError, MalformedRequest, StoreError
 from gateway.models import (
     ContinueCall,
@@ -42,17 +43,28 @@ from gateway.models import (
 from gateway.pipelines import PipelineState
 from gateway.states import FailureReason, State, Trigger
 from gateway.store.base import (
+    ArtifactBlob,
+    ArtifactStored,
     AttemptOutcome,
     ContinueResult,
     Minter,
     PipelineResult,
     Policy,
+    Pruned,
     Sweep,
     TraceAppend,
     Transition,
     decode_cursor,
 )
-from gateway.store.sqlite import jobs, pipelines, runners, stream, webhooks
+from gateway.store.sqlite import (
+    artifacts,
+    jobs,
+    pipelines,
+    retention,
+    runners,
+    stream,
+    webhooks,
+)
 from gateway.store.sqlite.schema import configure, migrate
 from gateway.store.sqlite.tx import Tx
 
@@ -63,9 +75,13 @@ _MAX_CURSOR_DIGITS = 18  # always fits SQLite's INTEGER
 class SQLiteStore:
     """The store contract on one SQLite file."""
 
-    def __init__(self, path: Path, policy: Policy | None = None) -> None:
+    def __init__(
+        self, path: Path, policy: Policy | None = None, links: ArtifactLinks | None = None
+    ) -> None:
+        """`links` sign the artifact URLs of terminal events (without, those carry none)."""
         self._path = path
         self._policy = policy or Policy()
+        self._links = links
         self._ids = IdGenerator()
         self._db: aiosqlite.Connection | None = None
 
@@ -95,12 +111,12 @@ class SQLiteStore:
     async def _transact(self, verb: Callable[[Tx], T], now: float) -> T:
         """Run `verb` inside BEGIN IMMEDIATE ... COMMIT on the connection thread (one hop);
         any exception rolls back, so a raising verb changes nothing."""
-        policy, ids = self._policy, self._ids
+        policy, ids, links = self._policy, self._ids, self._links
 
         def run(conn: sqlite3.Connection) -> T:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = verb(Tx(conn, policy, now, lambda: ids.new(now)))
+                result = verb(Tx(conn, policy, now, lambda: ids.new(now), links))
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -221,6 +237,28 @@ class SQLiteStore:
 
     async def expire_overdue(self, now: float, limit: int) -> Sweep:
         return await self._transact(lambda tx: jobs.expire_overdue(tx, limit), now)
+
+    # -- artifacts and retention -----------------------------------------------------------
+
+    async def put_artifact(
+        self, token_hash: bytes, upload: ArtifactUpload, now: float
+    ) -> ArtifactStored:
+        return await self._transact(
+            lambda tx: artifacts.put_by_continue(tx, token_hash, upload), now
+        )
+
+    async def put_runner_artifact(
+        self, job_id: str, job_token_hash: bytes, upload: ArtifactUpload, now: float
+    ) -> ArtifactStored:
+        return await self._transact(
+            lambda tx: artifacts.put_by_runner(tx, job_id, job_token_hash, upload), now
+        )
+
+    async def get_artifact(self, job_id: str, name: str) -> ArtifactBlob | None:
+        return await self._run(lambda conn: artifacts.get_artifact(conn, job_id, name))
+
+    async def prune(self, before: float, limit: int, now: float) -> Pruned:
+        return await self._transact(lambda tx: retention.prune(tx, before, limit), now)
 
     # -- pipelines -------------------------------------------------------------------------
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import msgspec
 
+from gateway.artifacts import ArtifactLinks
 from gateway.errors import NotFound, StateConflict
 from gateway.models import (
+    Artifact,
     Job,
     JobEvent,
     JobSpec,
@@ -48,7 +50,8 @@ JOB_COLUMNS = (
     " execution_deadline_at, callback_deadline_at, heartbeat_deadline_at, runner_deadline_at,"
     " queue_deadline_at, confirm_deadline_at, token_nonce, callback_digest, callback_key,"
     " event_sequence, needs, runner_id, early_callback, job_token_hash, trace_size,"
-    " EXISTS (SELECT 1 FROM jobs AS later WHERE later.retry_of = jobs.id) AS retried"
+    " EXISTS (SELECT 1 FROM jobs AS later WHERE later.retry_of = jobs.id) AS retried,"
+    " artifacts"
 )
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs"
 PIPELINE_COLUMNS = (
@@ -132,6 +135,7 @@ def load_job(row: Sequence[Any]) -> Loaded:
         needs=tuple(json.loads(row[28])) if row[28] else (),
         runner_id=row[29],
         retried=bool(row[33]),
+        artifacts=_artifacts(row[34]),
     )
     return Loaded(
         job=job,
@@ -142,6 +146,11 @@ def load_job(row: Sequence[Any]) -> Loaded:
         job_token_hash=row[31],
         trace_size=row[32],
     )
+
+
+def _artifacts(column: str | None) -> tuple[Artifact, ...]:
+    """The job row's copy of its artifacts' metadata (see `store.sqlite.artifacts`)."""
+    return () if column is None else tuple(Artifact(**fields) for fields in json.loads(column))
 
 
 def load_pipeline(row: Sequence[Any]) -> tuple[Pipeline, int]:
@@ -228,13 +237,18 @@ class Tx:
     """The bookkeeping of one transaction; see the module docstring."""
 
     def __init__(
-        self, conn: sqlite3.Connection, policy: Policy, now: float, new_id: Callable[[], str]
+        self,
+        conn: sqlite3.Connection,
+        policy: Policy,
+        now: float,
+        new_id: Callable[[], str],
+        links: ArtifactLinks | None = None,
     ) -> None:
         self.conn = conn
         self.policy = policy
         self.now = now
         self.new_id = new_id
-        self.outbox = Outbox(conn, new_id, now)
+        self.outbox = Outbox(conn, new_id, now, inline_bytes=policy.inline_bytes, links=links)
         self._pipeline_urls: dict[str, bool] = {}
         self.events: list[JobEvent] = []
         self.pipeline_events: list[PipelineEvent] = []
