@@ -14,6 +14,7 @@
     │   └── StateConflict          409 (a code per cause)
     │       ├── AlreadyFinal           409 already_final (job is terminal)
     │       ├── NotReady               409 not_ready (job's needs not met yet)
+    │       ├── NotParked              409 not_parked (async script still running)
     │       └── NotLatestAttempt       409 not_latest_attempt (retry of a retried job)
     └── StoreError             the store cannot serve (schema newer than code, key mismatch)
 
@@ -123,6 +124,22 @@ class NotReady(StateConflict):
 
     def __init__(self, state: str) -> None:
         super().__init__("the job's needs are not met yet; call again once it is pending")
+        self.state = state
+
+    def extra(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+
+class NotParked(StateConflict):
+    """A progress call on an async job whose script has not exited yet."""
+
+    code = "not_parked"
+
+    def __init__(self, state: str) -> None:
+        super().__init__(
+            "the job's script has not exited yet; call again once the job is waiting"
+            " (a terminal call is kept and applied at its exit)"
+        )
         self.state = state
 
     def extra(self) -> dict[str, Any]:

@@ -1263,21 +1263,21 @@ async def test_reference_runner_runs_a_script_job_and_an_async_job(
     assert await event_states(client, parked["id"]) == ["pending", "running", "waiting", "success"]
 
 
-async def test_start_and_heartbeat_while_the_async_script_runs_change_nothing(
+async def test_progress_calls_before_the_async_script_exits_are_409_not_parked(
     client: httpx.AsyncClient, anon: httpx.AsyncClient
 ) -> None:
-    """An external system may call start and heartbeat as soon as it has the URL: 200 with the
-    job still running; log lines wait for the script's exit (409), the runner owns the trace."""
+    """start, heartbeat and log on the URL of an async job whose script still runs answer 409
+    not_parked (retry later) and change nothing; once the job parks they work."""
     token = await register_runner(client)
     job = await script_job(client, **{"async": True})
     handout = await claim_and_confirm(anon, token)
     url = next(v["value"] for v in handout.body["variables"] if v["key"] == "CI_JOB_CONTINUE_URL")
     path = url.removeprefix(BASE_URL)
-    for call in ("start", "heartbeat"):
-        response = await anon.post(f"{path}/{call}")
-        assert response.status_code == 200, response.text
-        assert response.json()["state"] == "running"
-    assert_error(await anon.post(f"{path}/log", content=b"too early"), 409)
+    for call in ("start", "heartbeat", "log"):
+        response = await anon.post(f"{path}/{call}", content=b"early")
+        body = assert_error(response, 409, "not_parked")
+        assert body["state"] == "running"
     assert await event_states(client, job["id"]) == ["pending", "running"]
     await put_state(anon, handout, {"state": "success", "exit_code": 0})
     assert (await anon.post(f"{path}/log", content=b"now")).status_code == 200
+    assert (await anon.post(f"{path}/start")).json()["state"] == "waiting"

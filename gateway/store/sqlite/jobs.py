@@ -7,7 +7,14 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from gateway.errors import AlreadyFinal, GatewayError, NotFound, NotLatestAttempt, StateConflict
+from gateway.errors import (
+    AlreadyFinal,
+    GatewayError,
+    NotFound,
+    NotLatestAttempt,
+    NotParked,
+    StateConflict,
+)
 from gateway.models import ContinueCall, Job, JobEvent, JobSpec, Page
 from gateway.pipelines import downstream
 from gateway.states import FailureReason, Flavor, State, Trigger, advance
@@ -260,11 +267,9 @@ def touch_continue(tx: Tx, token_hash: bytes, trigger: Trigger, log: bytes | Non
     if loaded is None:
         raise NotFound(UNKNOWN_TOKEN)
     if tx.lifecycle(loaded.job).takes_early_callback:
-        # The async script still runs (its runner owns the trace): `start` and `heartbeat`
-        # change nothing yet, and the heartbeat clock starts when the job parks.
-        if log:
-            raise StateConflict("the job's script is still running; send log lines once it exits")
-        return Transition(job=loaded.job, changes=tx.changes())
+        # The async script still runs and its runner owns the trace: progress calls wait for
+        # the job to park (only a terminal call is kept early).
+        raise NotParked(loaded.job.state)
     effective = trigger
     if trigger is Trigger.START and loaded.job.lifecycle.flavor is not Flavor.EXTERNAL:
         effective = Trigger.HEARTBEAT
