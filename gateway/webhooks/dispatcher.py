@@ -122,11 +122,12 @@ class Dispatcher:
         self._client = self._new_client()
         try:
             while not stop.is_set():
+                # Cleared before the pass, so a commit made during it still wakes the next one.
+                self._wake.clear()
                 try:
                     await self.dispatch_once()
                 except Exception:
                     log.exception("dispatch_failed")
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_for_work(stop), timeout=IDLE_POLL_S)
             if self._in_flight:
@@ -145,28 +146,37 @@ class Dispatcher:
                 waiter.cancel()
 
     async def dispatch_once(self) -> int:
-        """Claim what is due and start sending it; return how many attempts started."""
-        free = self._policy.concurrency - len(self._in_flight)
-        if free <= 0:
-            return 0
-        busy = [e for e, n in self._per_endpoint.items() if n >= self._policy.endpoint_concurrency]
-        claims = await self._store.claim_deliveries(
-            limit=free,
-            lease_s=self._policy.timeout_s + LEASE_MARGIN_S,
-            server_secret=self._policy.server_secret,
-            busy_endpoints=busy,
-            now=self._clock.now(),
-        )
+        """Claim what is due and start sending it; return how many attempts started.
+
+        No claim asks for more deliveries than the fullest endpoint not at its cap has room
+        for, so every claimed delivery starts at once (one skipped for its endpoint's cap would
+        wait out its whole lease); claims repeat while they come back full."""
+        cap = self._policy.endpoint_concurrency
         started = 0
-        for claim in claims:
-            if self._per_endpoint[claim.endpoint_id] >= self._policy.endpoint_concurrency:
-                continue  # its lease lapses and a later pass takes it
-            self._per_endpoint[claim.endpoint_id] += 1
-            task = asyncio.create_task(self._attempt(claim))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
-            started += 1
-        return started
+        while True:
+            free = self._policy.concurrency - len(self._in_flight)
+            busy = [e for e, n in self._per_endpoint.items() if n >= cap]
+            room = cap - max((n for n in self._per_endpoint.values() if n < cap), default=0)
+            limit = min(free, room)
+            if limit <= 0:
+                return started
+            claims = await self._store.claim_deliveries(
+                limit=limit,
+                lease_s=self._policy.timeout_s + LEASE_MARGIN_S,
+                server_secret=self._policy.server_secret,
+                busy_endpoints=busy,
+                now=self._clock.now(),
+            )
+            for claim in claims:
+                if self._per_endpoint[claim.endpoint_id] >= cap:
+                    continue  # its lease lapses and a later pass takes it
+                self._per_endpoint[claim.endpoint_id] += 1
+                task = asyncio.create_task(self._attempt(claim))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+                started += 1
+            if len(claims) < limit:
+                return started
 
     async def drain(self) -> None:
         """Wait for every attempt in flight (tests)."""
@@ -210,7 +220,7 @@ class Dispatcher:
             error = f"blocked: {exc}"
         except httpx.TimeoutException:
             error = f"timeout after {self._policy.timeout_s:g} s"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             error = f"{type(exc).__name__}: {exc}"[:300]
         duration_ms = (loop.time() - started) * 1000
         succeeded = status is not None and 200 <= status < 300

@@ -66,7 +66,8 @@ def refusal(url: str, allow: Sequence[IPNetwork]) -> str | None:
     try:
         parts = urlsplit(url)
         host = parts.hostname
-    except ValueError:
+        httpx.URL(url)  # what the dispatcher will parse (it refuses e.g. `127.000.000.001`)
+    except (ValueError, httpx.InvalidURL):
         return "not a valid URL"
     if parts.scheme not in ("http", "https") or not host:
         return "must be an http:// or https:// URL with a host"
