@@ -139,10 +139,10 @@ class Deadlines:
         """The deadline that fires first, with the failure reason it gives (None for the
         confirmation deadline of a hand-out, which puts the job back in the queue)."""
         best: tuple[float, FailureReason | None] | None = None
-        for field in dataclasses.fields(self):
-            at = getattr(self, field.name)
+        for name, reason in _DEADLINE_REASON.items():
+            at = getattr(self, name)
             if at is not None and (best is None or at < best[0]):
-                best = (at, _DEADLINE_REASON[field.name])
+                best = (at, reason)
         return best
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +50,31 @@ def _target(row: Sequence[Any]) -> Target:
     )
 
 
+class EndpointCache:
+    """The explicit endpoints, shared by a store's transactions: read again after a local
+    change, or after `ttl_s` of wall time (another process may have changed them)."""
+
+    def __init__(self, ttl_s: float = 1.0) -> None:
+        self._ttl_s = ttl_s
+        self._targets: list[Target] | None = None
+        self._read_at = 0.0
+
+    def targets(self, conn: sqlite3.Connection) -> list[Target]:
+        if self._targets is None or time.monotonic() - self._read_at > self._ttl_s:
+            rows = conn.execute(
+                f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE owner_job_id IS NULL"
+                " AND owner_pipeline_id IS NULL AND deleted_at IS NULL"
+            ).fetchall()
+            self._targets = [_target(row) for row in rows]
+            self._read_at = time.monotonic()
+        return self._targets
+
+    def invalidate(self) -> None:
+        self._targets = None
+
+
 class Outbox:
-    """Per-transaction access to endpoints (explicit ones read once) and message writing."""
+    """Per-transaction access to endpoints and message writing."""
 
     def __init__(
         self,
@@ -60,24 +84,19 @@ class Outbox:
         *,
         inline_bytes: int = DEFAULT_WEBHOOK_INLINE_BYTES,
         links: ArtifactLinks | None = None,
+        endpoints: EndpointCache | None = None,
     ) -> None:
         self._conn = conn
+        self.endpoints = endpoints or EndpointCache()
         self._new_id = new_id
         self._now = now
         self._inline_bytes = inline_bytes
         self._links = links
-        self._explicit: list[Target] | None = None
         self.deliveries = 0
         self.logged = 0
 
     def _explicit_targets(self) -> list[Target]:
-        if self._explicit is None:
-            rows = self._conn.execute(
-                f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE owner_job_id IS NULL"
-                " AND owner_pipeline_id IS NULL AND deleted_at IS NULL"
-            ).fetchall()
-            self._explicit = [_target(row) for row in rows]
-        return self._explicit
+        return self.endpoints.targets(self._conn)
 
     def _owned(self, column: str, owner_id: str) -> list[Target]:
         rows = self._conn.execute(

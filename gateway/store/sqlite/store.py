@@ -10,10 +10,12 @@ runs one function at a time, so transactions never interleave
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -65,10 +67,12 @@ from gateway.store.sqlite import (
     stream,
     webhooks,
 )
+from gateway.store.sqlite.outbox import EndpointCache
 from gateway.store.sqlite.schema import configure, migrate
 from gateway.store.sqlite.tx import Tx
 
 T = TypeVar("T")
+GROUP_COMMIT_MAX = 64  # verbs in one transaction at most
 _MAX_CURSOR_DIGITS = 18  # always fits SQLite's INTEGER
 
 
@@ -83,6 +87,10 @@ class SQLiteStore:
         self._policy = policy or Policy()
         self._links = links
         self._ids = IdGenerator()
+        self._endpoints = EndpointCache()
+        self._pending: deque[tuple[Callable[[Tx], Any], float, asyncio.Future[Any]]] = deque()
+        self._flush_scheduled = False
+        self._flushes: set[asyncio.Future[None]] = set()
         self._db: aiosqlite.Connection | None = None
 
     async def open(self) -> None:
@@ -109,21 +117,67 @@ class SQLiteStore:
         return result
 
     async def _transact(self, verb: Callable[[Tx], T], now: float) -> T:
-        """Run `verb` inside BEGIN IMMEDIATE ... COMMIT on the connection thread (one hop);
-        any exception rolls back, so a raising verb changes nothing."""
-        policy, ids, links = self._policy, self._ids, self._links
+        """Run `verb` atomically on the connection thread and return once it is committed; a
+        verb that raises changes nothing.
 
-        def run(conn: sqlite3.Connection) -> T:
+        Group commit: verbs that queue up while the thread is busy run in one transaction, each
+        inside its own SAVEPOINT (rolled back alone when it raises), and are all answered after
+        the one COMMIT. Under load one commit then serves many callbacks instead of one."""
+        if self._db is None:
+            raise StoreError("the store is not open")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((verb, now, future))
+        self._schedule_flush()
+        result: T = await future
+        return result
+
+    def _schedule_flush(self) -> None:
+        """On the loop: make sure a flush is queued on the connection thread."""
+        if self._flush_scheduled or self._db is None:
+            return
+        self._flush_scheduled = True
+        db = self._db
+        flush = asyncio.ensure_future(db._execute(self._flush, db._conn))  # type: ignore[no-untyped-call]
+        self._flushes.add(flush)
+        flush.add_done_callback(self._flushes.discard)
+
+    def _flush(self, conn: sqlite3.Connection) -> None:
+        """On the connection thread: run the queued verbs (at most GROUP_COMMIT_MAX) in one
+        transaction, then settle their futures on the loop."""
+        self._flush_scheduled = False  # before draining: a verb queued from now on reschedules
+        batch: list[tuple[Callable[[Tx], Any], float, asyncio.Future[Any]]] = []
+        while self._pending and len(batch) < GROUP_COMMIT_MAX:
+            batch.append(self._pending.popleft())
+        if not batch:
+            return
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
             conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = verb(Tx(conn, policy, now, lambda: ids.new(now), links))
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            for verb, now, future in batch:
+                conn.execute("SAVEPOINT verb")
+                try:
+                    tx = Tx(
+                        conn, self._policy, now, self._id_maker(now), self._links, self._endpoints
+                    )
+                    outcomes.append((future, verb(tx), None))
+                    conn.execute("RELEASE verb")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO verb")
+                    conn.execute("RELEASE verb")
+                    outcomes.append((future, None, exc))
             conn.execute("COMMIT")
-            return result
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(future, None, exc) for _, _, future in batch]
+        for future, result, error in outcomes:
+            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+        if self._pending:
+            batch[0][2].get_loop().call_soon_threadsafe(self._schedule_flush)
 
-        return await self._run(run)
+    def _id_maker(self, now: float) -> Callable[[], str]:
+        ids = self._ids
+        return lambda: ids.new(now)
 
     @staticmethod
     def _no_ids() -> str:
@@ -440,6 +494,15 @@ class SQLiteStore:
                 conn, after, pipeline_id=pipeline_id, job_id=job_id, limit=limit
             )
         )
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def _configure_and_migrate(conn: sqlite3.Connection) -> int:

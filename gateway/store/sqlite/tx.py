@@ -41,7 +41,7 @@ from gateway.states import (
     entry_deadlines,
 )
 from gateway.store.base import Changes, Minter, Policy
-from gateway.store.sqlite.outbox import Outbox
+from gateway.store.sqlite.outbox import EndpointCache, Outbox
 from gateway.tokens import ContinueCredential
 
 JOB_COLUMNS = (
@@ -197,6 +197,41 @@ def changed_job(job: Job, change: Change, now: float) -> Job:
     )
 
 
+# Extra columns a write may set, and where they live on a loaded row: (on the Job?, field,
+# conversion from the column's value).
+_WRITTEN_COLUMNS: dict[str, tuple[bool, str, Callable[[Any], Any]]] = {
+    "exit_code": (True, "exit_code", lambda v: v),
+    "message": (True, "message", lambda v: v),
+    "outputs": (True, "outputs", lambda v: None if v is None else json.loads(v)),
+    "result": (True, "result_json", lambda v: v),
+    "runner_id": (True, "runner_id", lambda v: v),
+    "token_nonce": (True, "token_nonce", lambda v: v),
+    "token_hash": (False, "", lambda v: v),
+    "queued_at": (False, "", lambda v: v),
+    "job_token_hash": (False, "job_token_hash", lambda v: v),
+    "callback_digest": (False, "callback_digest", lambda v: v),
+    "callback_key": (False, "callback_key", lambda v: v),
+    "early_callback": (False, "early_callback", lambda v: v),
+}
+
+
+def _written(loaded: Loaded, change: Change, now: float, columns: dict[str, Any]) -> Loaded | None:
+    """The row as a write of `change` and `columns` leaves it, without reading it back; None
+    when a column is not one this knows."""
+    job_fields: dict[str, Any] = {}
+    row_fields: dict[str, Any] = {}
+    for column, value in columns.items():
+        known = _WRITTEN_COLUMNS.get(column)
+        if known is None:
+            return None
+        on_job, field, convert = known
+        if field:
+            (job_fields if on_job else row_fields)[field] = convert(value)
+    job = dataclasses.replace(changed_job(loaded.job, change, now), **job_fields)
+    sequence = loaded.event_sequence + (1 if change.transitioned else 0)
+    return dataclasses.replace(loaded, job=job, event_sequence=sequence, **row_fields)
+
+
 def transition_params(loaded: Loaded, change: Change, now: float) -> tuple[Any, ...]:
     """Parameters of UPDATE_TRANSITION (SET values, then the compare-and-set WHERE)."""
     d = change.deadlines
@@ -243,12 +278,20 @@ class Tx:
         now: float,
         new_id: Callable[[], str],
         links: ArtifactLinks | None = None,
+        endpoints: EndpointCache | None = None,
     ) -> None:
         self.conn = conn
         self.policy = policy
         self.now = now
         self.new_id = new_id
-        self.outbox = Outbox(conn, new_id, now, inline_bytes=policy.inline_bytes, links=links)
+        self.outbox = Outbox(
+            conn,
+            new_id,
+            now,
+            inline_bytes=policy.inline_bytes,
+            links=links,
+            endpoints=endpoints,
+        )
         self._pipeline_urls: dict[str, bool] = {}
         self.events: list[JobEvent] = []
         self.pipeline_events: list[PipelineEvent] = []
@@ -300,7 +343,7 @@ class Tx:
 
     def write(self, loaded: Loaded, change: Change, cause: str, **columns: Any) -> Loaded:
         """Compare-and-set `change` (plus extra `columns`) onto the row, record its event, and
-        return the row re-read. StateConflict if the row moved (cannot happen under BEGIN
+        return the row as written. StateConflict if the row moved (cannot happen under BEGIN
         IMMEDIATE; kept as the contract's guard)."""
         if change.requeued:
             columns = {**REQUEUE_COLUMNS, **columns}
@@ -311,7 +354,9 @@ class Tx:
         cursor = self.conn.execute(sql, params[:-3] + tuple(columns.values()) + params[-3:])
         if cursor.rowcount != 1:
             raise StateConflict("the job changed concurrently; try again")
-        after = self.job(loaded.job.id)
+        after = _written(loaded, change, self.now, columns)
+        if after is None:  # a column the mapping does not know: read the row back
+            after = self.job(loaded.job.id)
         if change.transitioned:
             self._record(event_params(loaded, change, cause, self.now), after.job)
             if loaded.job.pipeline_id is not None:

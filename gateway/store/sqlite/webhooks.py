@@ -76,6 +76,7 @@ def _explicit(conn: sqlite3.Connection, endpoint_id: str) -> Endpoint:
 
 
 def create_endpoint(tx: Tx, endpoint_id: str, spec: EndpointSpec, secret: str) -> Endpoint:
+    tx.outbox.endpoints.invalidate()
     tx.conn.execute(
         "INSERT INTO webhook_endpoints (id, url, events, pipeline_id, secret, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -109,6 +110,7 @@ def _skip_pending(tx: Tx, endpoint_id: str) -> None:
 
 
 def _disable(tx: Tx, endpoint_id: str, reason: str) -> None:
+    tx.outbox.endpoints.invalidate()
     tx.conn.execute(
         "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = ? WHERE id = ?",
         (reason, endpoint_id),
@@ -117,6 +119,7 @@ def _disable(tx: Tx, endpoint_id: str, reason: str) -> None:
 
 
 def update_endpoint(tx: Tx, endpoint_id: str, patch: EndpointPatch) -> Endpoint:
+    tx.outbox.endpoints.invalidate()
     _explicit(tx.conn, endpoint_id)
     if patch.url is not None:
         tx.conn.execute(
@@ -139,6 +142,7 @@ def update_endpoint(tx: Tx, endpoint_id: str, patch: EndpointPatch) -> Endpoint:
 
 
 def delete_endpoint(tx: Tx, endpoint_id: str) -> None:
+    tx.outbox.endpoints.invalidate()
     _explicit(tx.conn, endpoint_id)
     tx.conn.execute(
         "UPDATE webhook_endpoints SET deleted_at = ?, enabled = 0, disabled_reason = 'deleted'"
