@@ -73,6 +73,14 @@ def metadata(name: str, data: bytes, content_type: str = "text/plain") -> dict[s
     }
 
 
+@pytest.fixture(autouse=True)
+async def subscribed(client: httpx.AsyncClient) -> None:
+    """An endpoint that wants every event, so every event's webhook body is frozen (an event no
+    endpoint wants has none). The dispatcher does not run here: nothing is sent."""
+    response = await client.post("/api/v1/webhooks", json={"url": "https://receiver.example/hook"})
+    assert response.status_code == 201, response.text
+
+
 def message_bodies(settings: Settings, job_id: str) -> dict[str, dict[str, Any]]:
     """The frozen webhook bodies of a job's events, by event type, read from the database."""
     conn = sqlite3.connect(settings.sqlite_path)

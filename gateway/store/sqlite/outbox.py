@@ -29,6 +29,7 @@ from gateway.models import (
     job_to_wire,
     pipeline_to_wire,
 )
+from gateway.states import State
 from gateway.webhooks import events as wire
 
 ENDPOINT_COLUMNS = "id, url, events, pipeline_id, owner_job_id, owner_pipeline_id, enabled"
@@ -94,6 +95,7 @@ class Outbox:
         self._links = links
         self.deliveries = 0
         self.logged = 0
+        self._log_rows: list[tuple[Any, ...]] = []
 
     def _explicit_targets(self) -> list[Target]:
         return self.endpoints.targets(self._conn)
@@ -119,8 +121,8 @@ class Outbox:
         return [t for t in found if wire.matches(t.patterns, event_type)]
 
     def job_event(self, event: JobEvent, job: Job, pipeline_has_url: Callable[[str], bool]) -> None:
-        """Log `event` with `job` as it is after it, and queue it for every endpoint that
-        wants it."""
+        """Log `event` (`job` is the job after it) and, when an endpoint wants it, freeze its
+        webhook message and queue one delivery per endpoint."""
         event_type = f"job.{event.state.value}"
         owners: list[tuple[str, str]] = []
         if job.spec.state_webhook_url:
@@ -128,21 +130,22 @@ class Outbox:
         if job.pipeline_id is not None and pipeline_has_url(job.pipeline_id):
             owners.append(("owner_pipeline_id", job.pipeline_id))
         targets = self._targets(event_type, job.pipeline_id, owners)
-        after = job
-        data = {
-            **job_to_wire(after),
-            "previous_state": None if event.previous_state is None else event.previous_state.value,
-            "sequence": event.sequence,
-        }
-        if event.state.terminal and after.artifacts:
-            data["artifacts"] = self._terminal_artifacts(after)
-        self._write(
-            wire.message_id("job", job.id, event.sequence),
+        message_id = wire.message_id("job", job.id, event.sequence)
+        if targets:
+            data = job_event_data(job, event.previous_state, event.sequence)
+            if event.state.terminal and job.artifacts:
+                data["artifacts"] = self._terminal_artifacts(job)
+            body = wire.body(event_type, event.at, data)
+            self._write(message_id, event_type, body, targets, job.id, job.pipeline_id)
+        self._log(
+            "job",
+            job.id,
+            event.sequence,
             event_type,
-            wire.body(event_type, event.at, data),
-            targets,
-            job_id=job.id,
-            pipeline_id=job.pipeline_id,
+            job.id,
+            job.pipeline_id,
+            message_id if targets else None,
+            event.at,
         )
 
     def _terminal_artifacts(self, job: Job) -> list[dict[str, Any]]:
@@ -180,20 +183,35 @@ class Outbox:
         event_type = f"pipeline.{event.state.value}"
         owners = [("owner_pipeline_id", pipeline.id)] if pipeline.spec.state_webhook_url else []
         targets = self._targets(event_type, pipeline.id, owners)
-        data = {
-            **pipeline_to_wire(pipeline, jobs),
-            "state": event.state.value,
-            "previous_state": None if event.previous_state is None else event.previous_state.value,
-            "sequence": event.sequence,
-        }
-        self._write(
-            wire.message_id("pipeline", pipeline.id, event.sequence),
+        message_id = wire.message_id("pipeline", pipeline.id, event.sequence)
+        if targets:
+            data = pipeline_event_data(pipeline, jobs, event)
+            body = wire.body(event_type, event.at, data)
+            self._write(message_id, event_type, body, targets, None, pipeline.id)
+        self._log(
+            "pipeline",
+            pipeline.id,
+            event.sequence,
             event_type,
-            wire.body(event_type, event.at, data),
-            targets,
-            job_id=None,
-            pipeline_id=pipeline.id,
+            None,
+            pipeline.id,
+            message_id if targets else None,
+            event.at,
         )
+
+    def _log(self, *row: Any) -> None:
+        self._log_rows.append(row)
+        self.logged += 1
+
+    def flush(self) -> None:
+        """Write the event-log entries of the transaction (in one statement)."""
+        if self._log_rows:
+            self._conn.executemany(
+                "INSERT INTO event_log (kind, owner_id, sequence, event_type, job_id,"
+                " pipeline_id, message_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self._log_rows,
+            )
+            self._log_rows = []
 
     def _write(
         self,
@@ -201,7 +219,6 @@ class Outbox:
         event_type: str,
         body: bytes,
         targets: list[Target],
-        *,
         job_id: str | None,
         pipeline_id: str | None,
     ) -> None:
@@ -210,14 +227,6 @@ class Outbox:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (message_id, event_type, job_id, pipeline_id, body, self._now),
         )
-        self._conn.execute(
-            "INSERT INTO event_log (message_id, job_id, pipeline_id, created_at)"
-            " VALUES (?, ?, ?, ?)",
-            (message_id, job_id, pipeline_id, self._now),
-        )
-        self.logged += 1
-        if not targets:
-            return
         self._conn.executemany(
             "INSERT INTO webhook_deliveries (id, message_id, endpoint_id, job_id, state,"
             " next_attempt_at, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -236,3 +245,23 @@ class Outbox:
             ],
         )
         self.deliveries += sum(1 for t in targets if t.enabled)
+
+
+def job_event_data(job: Job, previous: State | None, sequence: int) -> dict[str, Any]:
+    """`data` of a job event: the job as GET shows it, its previous state and sequence."""
+    return {
+        **job_to_wire(job),
+        "previous_state": None if previous is None else previous.value,
+        "sequence": sequence,
+    }
+
+
+def pipeline_event_data(
+    pipeline: Pipeline, jobs: list[Job], event: PipelineEvent
+) -> dict[str, Any]:
+    return {
+        **pipeline_to_wire(pipeline, jobs),
+        "state": event.state.value,
+        "previous_state": None if event.previous_state is None else event.previous_state.value,
+        "sequence": event.sequence,
+    }

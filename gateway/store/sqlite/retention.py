@@ -88,6 +88,7 @@ def _delete_jobs(tx: Tx, job_ids: list[str]) -> None:
         return
     ids = json.dumps(job_ids)
     tx.conn.execute(f"DELETE FROM webhook_messages WHERE job_id IN {_IDS}", (ids,))
+    tx.conn.execute(f"DELETE FROM event_log WHERE job_id IN {_IDS}", (ids,))
     tx.conn.execute(f"DELETE FROM webhook_endpoints WHERE owner_job_id IN {_IDS}", (ids,))
     # One statement: an attempt and the retry that points at it go together.
     tx.conn.execute(f"DELETE FROM jobs WHERE id IN {_IDS}", (ids,))
@@ -109,6 +110,7 @@ def _prune_pipelines(tx: Tx, params: dict[str, object], limit: int) -> tuple[int
 
 def _delete_pipeline(tx: Tx, pipeline_id: str) -> None:
     tx.conn.execute("DELETE FROM webhook_messages WHERE pipeline_id = ?", (pipeline_id,))
+    tx.conn.execute("DELETE FROM event_log WHERE pipeline_id = ?", (pipeline_id,))
     tx.conn.execute("DELETE FROM webhook_endpoints WHERE owner_pipeline_id = ?", (pipeline_id,))
     tx.conn.execute(
         "DELETE FROM webhook_endpoints WHERE owner_job_id IN"

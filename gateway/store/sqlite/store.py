@@ -159,7 +159,9 @@ class SQLiteStore:
                     tx = Tx(
                         conn, self._policy, now, self._id_maker(now), self._links, self._endpoints
                     )
-                    outcomes.append((future, verb(tx), None))
+                    result = verb(tx)
+                    tx.finish()
+                    outcomes.append((future, result, None))
                     conn.execute("RELEASE verb")
                 except Exception as exc:
                     conn.execute("ROLLBACK TO verb")
@@ -491,7 +493,11 @@ class SQLiteStore:
     ) -> list[StreamEvent]:
         return await self._run(
             lambda conn: stream.read_stream(
-                conn, after, pipeline_id=pipeline_id, job_id=job_id, limit=limit
+                Tx(conn, self._policy, 0.0, self._no_ids),
+                after,
+                pipeline_id=pipeline_id,
+                job_id=job_id,
+                limit=limit,
             )
         )
 

@@ -299,6 +299,10 @@ class Tx:
         self.requeued = 0
         self._touched: set[str] = set()
 
+    def finish(self) -> None:
+        """End of the verb: write what was buffered (the event-log entries)."""
+        self.outbox.flush()
+
     def changes(self) -> Changes:
         return Changes(
             events=self.events,
