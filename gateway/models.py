@@ -226,6 +226,11 @@ class Job:
 
     @property
     def lifecycle(self) -> Lifecycle:
+        return self.lifecycle_under()
+
+    def lifecycle_under(self, **server_timings: int) -> Lifecycle:
+        """What the state machine needs of the job, with the server's confirmation and runner
+        timeouts (`confirm_timeout_s`, `runner_timeout_s`) when given."""
         return Lifecycle(
             kind=self.kind,
             is_async=self.is_async,
@@ -236,6 +241,7 @@ class Job:
             callback_timeout_s=self.spec.callback_timeout_s,
             heartbeat_timeout_s=self.spec.heartbeat_timeout_s,
             queue_timeout_s=self.spec.queue_timeout_s,
+            **server_timings,
         )
 
     @property

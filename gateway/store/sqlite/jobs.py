@@ -17,7 +17,7 @@ from gateway.errors import (
 )
 from gateway.models import ContinueCall, Job, JobEvent, JobSpec, Page
 from gateway.pipelines import downstream
-from gateway.states import FailureReason, Flavor, State, Trigger, advance
+from gateway.states import Change, FailureReason, Flavor, State, Trigger, advance
 from gateway.store.base import (
     ContinueOutcome,
     ContinueResult,
@@ -33,7 +33,6 @@ from gateway.store.sqlite.tx import (
     UPDATE_TRANSITION,
     Loaded,
     Tx,
-    changed_job,
     event_params,
     job_event,
     load_job,
@@ -59,6 +58,7 @@ def list_jobs(
     pipeline_id: str | None,
     limit: int,
     cursor: str | None,
+    standalone: bool = False,
 ) -> Page[Job]:
     clauses, params = [], []
     if state is not None:
@@ -67,6 +67,8 @@ def list_jobs(
     if pipeline_id is not None:
         clauses.append("pipeline_id = ?")
         params.append(pipeline_id)
+    if standalone:
+        clauses.append("pipeline_id IS NULL")
     if cursor is not None:
         clauses.append("id < ?")
         params.append(decode_cursor(cursor, "j:"))
@@ -77,6 +79,17 @@ def list_jobs(
     jobs = [load_job(row).job for row in rows[:limit]]
     more = len(rows) > limit
     return Page(items=jobs, next_cursor=encode_cursor("j:" + jobs[-1].id) if more else None)
+
+
+def list_parked(conn: sqlite3.Connection, limit: int) -> list[Job]:
+    """Up to `limit` parked jobs (their callback awaited: an external job pending or running,
+    an async job waiting), oldest first."""
+    rows = conn.execute(
+        f"{SELECT_JOB} WHERE state = 'waiting'"
+        " OR (kind = 'external' AND state IN ('pending', 'running')) ORDER BY id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [load_job(row).job for row in rows]
 
 
 def list_events(conn: sqlite3.Connection, job_id: str, *, after: int, limit: int) -> Page[JobEvent]:
@@ -289,7 +302,7 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
     if not rows:
         return Sweep(changes=tx.changes(), fired=0, oldest_deadline_at=None)
     updates, inserts = [], []
-    afters: dict[str, Job] = {}
+    changed: dict[str, tuple[Job, Change]] = {}
     oldest = None
     for row in rows:
         loaded = load_job(row)
@@ -299,7 +312,7 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
         if change.requeued:
             tx.write(loaded, change, "deadline")
             continue
-        afters[loaded.job.id] = changed_job(loaded.job, change, tx.now)
+        changed[loaded.job.id] = (loaded.job, change)
         updates.append(transition_params(loaded, change, tx.now))
         inserts.append(event_params(loaded, change, "deadline", tx.now))
         if loaded.job.pipeline_id is not None:
@@ -313,6 +326,6 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
             "SELECT seq FROM sqlite_sequence WHERE name = 'job_events'"
         ).fetchone()[0]
         first = last - len(inserts) + 1
-        tx.record_swept([job_event(first + i, p) for i, p in enumerate(inserts)], afters)
+        tx.record_swept([job_event(first + i, p) for i, p in enumerate(inserts)], changed)
     tx.settle()
     return Sweep(changes=tx.changes(), fired=len(rows), oldest_deadline_at=oldest)

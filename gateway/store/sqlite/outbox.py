@@ -120,9 +120,16 @@ class Outbox:
             found += self._owned(column, owner_id)
         return [t for t in found if wire.matches(t.patterns, event_type)]
 
-    def job_event(self, event: JobEvent, job: Job, pipeline_has_url: Callable[[str], bool]) -> None:
-        """Log `event` (`job` is the job after it) and, when an endpoint wants it, freeze its
-        webhook message and queue one delivery per endpoint."""
+    def job_event(
+        self,
+        event: JobEvent,
+        job: Job,
+        after: Callable[[], Job],
+        pipeline_has_url: Callable[[str], bool],
+    ) -> None:
+        """Log `event` of `job` (only its id, spec and pipeline are read: they never change)
+        and, when an endpoint wants it, freeze its webhook message from `after()`, the job as
+        the event left it, and queue one delivery per endpoint."""
         event_type = f"job.{event.state.value}"
         owners: list[tuple[str, str]] = []
         if job.spec.state_webhook_url:
@@ -132,9 +139,10 @@ class Outbox:
         targets = self._targets(event_type, job.pipeline_id, owners)
         message_id = wire.message_id("job", job.id, event.sequence)
         if targets:
-            data = job_event_data(job, event.previous_state, event.sequence)
-            if event.state.terminal and job.artifacts:
-                data["artifacts"] = self._terminal_artifacts(job)
+            snapshot = after()
+            data = job_event_data(snapshot, event.previous_state, event.sequence)
+            if event.state.terminal and snapshot.artifacts:
+                data["artifacts"] = self._terminal_artifacts(snapshot)
             body = wire.body(event_type, event.at, data)
             self._write(message_id, event_type, body, targets, job.id, job.pipeline_id)
         self._log(

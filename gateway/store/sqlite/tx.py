@@ -9,6 +9,7 @@ credentials).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -326,8 +327,7 @@ class Tx:
         return loaded
 
     def lifecycle(self, job: Job) -> Lifecycle:
-        return dataclasses.replace(
-            job.lifecycle,
+        return job.lifecycle_under(
             confirm_timeout_s=self.policy.confirm_timeout_s,
             runner_timeout_s=self.policy.runner_timeout_s,
         )
@@ -372,13 +372,16 @@ class Tx:
         assert event_id is not None
         event = job_event(event_id, params)
         self.events.append(event)
-        self.outbox.job_event(event, after, self.pipeline_has_url)
+        self.outbox.job_event(event, after, lambda: after, self.pipeline_has_url)
 
-    def record_swept(self, events: list[JobEvent], afters: dict[str, Job]) -> None:
-        """Log and queue the events the sweep wrote in bulk, with the jobs as they now are."""
+    def record_swept(self, events: list[JobEvent], changed: dict[str, tuple[Job, Change]]) -> None:
+        """Log and queue the events the sweep wrote in bulk (`changed`: each job before its
+        change, and the change)."""
         self.events.extend(events)
         for event in events:
-            self.outbox.job_event(event, afters[event.job_id], self.pipeline_has_url)
+            before, change = changed[event.job_id]
+            after = functools.partial(changed_job, before, change, self.now)
+            self.outbox.job_event(event, before, after, self.pipeline_has_url)
 
     def pipeline_has_url(self, pipeline_id: str) -> bool:
         """Whether a pipeline has a state_webhook_url (read once per transaction)."""
