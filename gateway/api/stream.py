@@ -55,7 +55,7 @@ async def _frames(
     ctx: Context, request: Request, after: int, pipeline_id: str | None, job_id: str | None
 ) -> AsyncIterator[bytes]:
     yield b"retry: 2000\n\n"
-    while not ctx.events.closed:
+    while True:
         batch = await ctx.store.read_stream(
             after, pipeline_id=pipeline_id, job_id=job_id, limit=BATCH
         )
@@ -64,7 +64,7 @@ async def _frames(
             after = event.seq
         if len(batch) == BATCH:
             continue
-        if await request.is_disconnected():
+        if ctx.events.closed or await request.is_disconnected():
             return
         if not await ctx.events.wait(KEEPALIVE_S):
             yield b": keepalive\n\n"
