@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
+from gateway import ui
 from gateway.api import (
     artifacts,
     continuation,
@@ -24,6 +25,7 @@ from gateway.api import (
     runner,
     runners,
     stream,
+    tokens,
     webhooks,
 )
 from gateway.api.common import Context
@@ -52,6 +54,7 @@ from gateway.errors import (
 from gateway.keys import ADMIN_TOKEN_FILE, SECRET_KEY_FILE, WEBHOOK_SECRET_FILE, load_or_create
 from gateway.metrics import Metrics
 from gateway.models import IdGenerator
+from gateway.sessions import Sessions
 from gateway.store import Store, open_store
 from gateway.sweeper import Sweeper
 from gateway.tokens import ContinueTokens, key_fingerprint, token_hash
@@ -162,7 +165,7 @@ def create_app(
         tokens=ContinueTokens(secret_key.value),
         ids=IdGenerator(),
         metrics=metrics,
-        auth=Authenticator(store, clock),
+        auth=Authenticator(store, clock, Sessions(secret_key.value, clock)),
         artifact_links=links,
     )
     sweeper = Sweeper(
@@ -228,6 +231,8 @@ def create_app(
             *artifacts.routes,
             *continuation.routes,
             *ops.routes,
+            *tokens.routes,
+            *ui.routes,
         ],
         exception_handlers={
             GatewayError: _gateway_error,
@@ -240,6 +245,7 @@ def create_app(
     app.state.sweeper = sweeper
     app.state.dispatcher = dispatcher
     app.state.openapi = build_openapi()
+    app.state.renderer = ui.Renderer()
     app.state.startup = StartupInfo(
         admin_token_path=admin_token.path,
         admin_token_created=admin_token.created,

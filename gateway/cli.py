@@ -105,9 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     cont.add_argument("--idempotency-key", help="default: a fresh one, reused on retries")
     cont.set_defaults(run=_continue)
     runner.add_commands(commands)
-    from gateway import pipeline_cli
+    from gateway import pipeline_cli, token_cli
 
     pipeline_cli.add_commands(commands)
+    token_cli.add_commands(commands)
     return parser
 
 

@@ -280,6 +280,33 @@ class Principal:
 
 
 @dataclass(frozen=True)
+class ApiToken:
+    """An API token as stored: its SHA-256, never the token. `scope` is `admin` or `viewer`."""
+
+    id: str
+    name: str
+    scope: str
+    token_hash: bytes
+    created_at: float
+    revoked_at: float | None
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(token_id=self.id, name=self.name, scope=self.scope)
+
+
+def api_token_to_wire(token: ApiToken) -> dict[str, Any]:
+    """The token as `GET /api/v1/tokens` lists it (never the token or its hash)."""
+    return {
+        "id": token.id,
+        "name": token.name,
+        "scope": token.scope,
+        "created_at": rfc3339(token.created_at),
+        "revoked_at": rfc3339(token.revoked_at),
+    }
+
+
+@dataclass(frozen=True)
 class Runner:
     """A registered runner (its token is stored as a hash only)."""
 

@@ -95,9 +95,10 @@ def context(request: Request) -> Context:
     return ctx
 
 
-async def authenticated(request: Request) -> tuple[Context, Principal]:
+async def authenticated(request: Request, *, admin: bool = False) -> tuple[Context, Principal]:
+    """The context and the caller; a viewer token may only read (`Authenticator.require`)."""
     ctx = context(request)
-    return ctx, await ctx.auth.require(request)
+    return ctx, await ctx.auth.require(request, admin=admin)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -124,6 +124,21 @@ _WIRE_SCHEMAS: dict[str, Any] = {
             "next_cursor": _STR,
         },
     },
+    "ApiToken": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "scope": {"type": "string", "enum": ["admin", "viewer"]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "revoked_at": _TIME,
+            "token": {"type": "string", "description": "only in the answer to creation"},
+        },
+    },
+    "ApiTokenList": {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": _ref("ApiToken")}, "next_cursor": _STR},
+    },
     "Runner": {
         "type": "object",
         "properties": {
@@ -273,6 +288,7 @@ _PAGE = [
 def build_openapi() -> dict[str, Any]:
     """The whole document for `/openapi.json`."""
     from gateway.api.runner import JobRequest, JobUpdate
+    from gateway.api.tokens import TokenSpec
     from gateway.models import EndpointPatch, EndpointSpec
 
     _, request_schemas = msgspec.json.schema_components(
@@ -285,6 +301,7 @@ def build_openapi() -> dict[str, Any]:
             JobUpdate,
             EndpointSpec,
             EndpointPatch,
+            TokenSpec,
         ],
         ref_template=_REF,
     )
@@ -501,6 +518,28 @@ def build_openapi() -> dict[str, Any]:
                 text=True,
             )
         },
+        "/api/v1/tokens": {
+            "post": _op(
+                "Create an API token, admin or viewer (admin only; shown only here)",
+                (201, "ApiToken"),
+                (400, 401, 403, 409, 413, 422),
+                body="TokenSpec",
+            ),
+            "get": _op(
+                "List API tokens, revoked ones included (admin only)",
+                (200, "ApiTokenList"),
+                (400, 401, 403),
+                params=_PAGE,
+            ),
+        },
+        "/api/v1/tokens/{token_id}": {
+            "delete": _op(
+                "Revoke an API token and end its dashboard sessions (admin only)",
+                (204, None),
+                (401, 403, 404, 409),
+                params=[_path_param("token_id")],
+            )
+        },
         "/healthz": {"get": _op("Liveness", (200, "Status"), (), auth=False)},
         "/readyz": {
             "get": _op("Readiness (the database answers)", (200, "Status"), (503,), auth=False)
@@ -508,6 +547,7 @@ def build_openapi() -> dict[str, Any]:
         "/metrics": {"get": _op("Prometheus metrics", (200, None), (401,), auth=False, text=True)},
         "/openapi.json": {"get": _op("This document", (200, None), (), auth=False)},
     }
+    _add_scopes(paths)
     paths["/continue/{token}/log"]["post"]["requestBody"] = {
         "content": {"text/plain": {"schema": {"type": "string"}}}
     }
@@ -521,6 +561,13 @@ def build_openapi() -> dict[str, Any]:
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "runner": {"type": "http", "scheme": "bearer", "description": "a runner token"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "gateway_session",
+                    "description": "the dashboard's session; unsafe methods also need the"
+                    " session's CSRF token in `X-CSRF-Token`",
+                },
             },
         },
     }
@@ -569,6 +616,24 @@ def _artifact_paths() -> dict[str, Any]:
         "/api/v1/jobs/{job_id}/artifacts/{name}": {"get": download},
         "/artifacts/{signed}": {"get": by_link},
     }
+
+
+def _add_scopes(paths: dict[str, Any]) -> None:
+    """Every API-token operation also takes the dashboard's session; every write among them
+    answers 403 to a viewer token (and to a session request without its CSRF token)."""
+    for item in paths.values():
+        for method, operation in item.items():
+            if operation.get("security") != [{"bearer": []}]:
+                continue
+            operation["security"] = [{"bearer": []}, {"session": []}]
+            if method in ("post", "put", "patch", "delete"):
+                operation["responses"].setdefault(
+                    "403",
+                    {
+                        "description": "a viewer token, or a session without its CSRF token",
+                        **_json("Error"),
+                    },
+                )
 
 
 def _header(name: str) -> dict[str, Any]:

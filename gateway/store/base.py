@@ -26,6 +26,7 @@ from gateway.config import (
 )
 from gateway.errors import GatewayError, MalformedRequest
 from gateway.models import (
+    ApiToken,
     Artifact,
     ContinueCall,
     Delivery,
@@ -193,6 +194,25 @@ class Store(Protocol):
 
     async def find_api_token(self, token_hash: bytes) -> Principal | None: ...
 
+    async def create_api_token(
+        self, token_id: str, name: str, token_hash: bytes, scope: str, now: float
+    ) -> ApiToken:
+        """A new live token (`admin` or `viewer`); StateConflict when a live one has `name`
+        (a revoked token's name is taken over)."""
+
+    async def list_api_tokens(self, *, limit: int, cursor: str | None) -> Page[ApiToken]:
+        """Every token, revoked ones included (with `revoked_at`)."""
+
+    async def find_api_token_by_id(self, token_id: str) -> ApiToken | None:
+        """The live token with this id (a dashboard session names its token by id)."""
+
+    async def revoke_api_token(self, token_id: str, now: float) -> None:
+        """NotFound for an unknown or revoked token; StateConflict for the bootstrap admin."""
+
+    async def list_parked(self, limit: int) -> list[Job]:
+        """Up to `limit` jobs whose callback is awaited (an external job pending or running,
+        an async job waiting), oldest first."""
+
     async def create_job(
         self, job_id: str, spec: JobSpec, minter: Minter, now: float
     ) -> Transition:
@@ -202,9 +222,15 @@ class Store(Protocol):
     async def get_job(self, job_id: str) -> Job | None: ...
 
     async def list_jobs(
-        self, *, state: State | None, pipeline_id: str | None, limit: int, cursor: str | None
+        self,
+        *,
+        state: State | None,
+        pipeline_id: str | None,
+        limit: int,
+        cursor: str | None,
+        standalone: bool = False,
     ) -> Page[Job]:
-        """Newest first."""
+        """Newest first; `standalone`: only jobs outside pipelines."""
 
     async def list_events(self, job_id: str, *, limit: int, cursor: str | None) -> Page[JobEvent]:
         """Oldest first (by sequence); NotFound for an unknown job."""

@@ -125,11 +125,17 @@ async def test_openapi_is_an_openapi_3_1_document(openapi: dict[str, Any]) -> No
 async def test_openapi_documents_every_route_of_the_app(
     app: Starlette, openapi: dict[str, Any]
 ) -> None:
-    """Every route the app serves appears in the document's paths with each of its methods."""
+    """Every route the app serves appears in the document's paths with each of its methods,
+    except the dashboard's HTML pages (`include_in_schema=False`), none of them under /api or
+    /continue."""
+    routes = [route for route in app.routes if isinstance(route, Route)]
+    pages = [route.path for route in routes if not route.include_in_schema]
+    assert "/login" in pages
+    assert [path for path in pages if path.startswith(("/api", "/continue"))] == []
     served = [
         (_CONVERTER.sub(r"{\1}", route.path), method.lower())
-        for route in app.routes
-        if isinstance(route, Route)
+        for route in routes
+        if route.include_in_schema
         for method in route.methods or ()
         if method != "HEAD"
     ]

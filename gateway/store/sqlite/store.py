@@ -22,6 +22,7 @@ import aiosqlite
 from gateway.artifacts import ArtifactLinks, ArtifactUpload
 from gateway.errors import GatewayError, MalformedRequest, StoreError
 from gateway.models import (
+    ApiToken,
     ContinueCall,
     Delivery,
     DeliveryClaim,
@@ -65,6 +66,7 @@ from gateway.store.sqlite import (
     retention,
     runners,
     stream,
+    tokens,
     webhooks,
 )
 from gateway.store.sqlite.outbox import EndpointCache
@@ -229,6 +231,24 @@ class SQLiteStore:
 
         return await self._run(find)
 
+    async def create_api_token(
+        self, token_id: str, name: str, token_hash: bytes, scope: str, now: float
+    ) -> ApiToken:
+        return await self._transact(
+            lambda tx: tokens.create_api_token(tx, token_id, name, token_hash, scope), now
+        )
+
+    async def list_api_tokens(self, *, limit: int, cursor: str | None) -> Page[ApiToken]:
+        return await self._run(
+            lambda conn: tokens.list_api_tokens(conn, limit=limit, cursor=cursor)
+        )
+
+    async def find_api_token_by_id(self, token_id: str) -> ApiToken | None:
+        return await self._run(lambda conn: tokens.find_api_token_by_id(conn, token_id))
+
+    async def revoke_api_token(self, token_id: str, now: float) -> None:
+        await self._transact(lambda tx: tokens.revoke_api_token(tx, token_id), now)
+
     # -- jobs ------------------------------------------------------------------------------
 
     async def create_job(
@@ -240,14 +260,28 @@ class SQLiteStore:
         return await self._run(lambda conn: jobs.get_job(conn, job_id))
 
     async def list_jobs(
-        self, *, state: State | None, pipeline_id: str | None, limit: int, cursor: str | None
+        self,
+        *,
+        state: State | None,
+        pipeline_id: str | None,
+        limit: int,
+        cursor: str | None,
+        standalone: bool = False,
     ) -> Page[Job]:
         def page(conn: sqlite3.Connection) -> Page[Job]:
             return jobs.list_jobs(
-                conn, state=state, pipeline_id=pipeline_id, limit=limit, cursor=cursor
+                conn,
+                state=state,
+                pipeline_id=pipeline_id,
+                limit=limit,
+                cursor=cursor,
+                standalone=standalone,
             )
 
         return await self._run(page)
+
+    async def list_parked(self, limit: int) -> list[Job]:
+        return await self._run(lambda conn: jobs.list_parked(conn, limit))
 
     async def list_events(self, job_id: str, *, limit: int, cursor: str | None) -> Page[JobEvent]:
         after = 0
