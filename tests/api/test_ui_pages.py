@@ -104,6 +104,7 @@ async def test_the_pipeline_page_lays_jobs_out_in_stages_by_the_longest_needs_pa
     ]
     assert 'data-job="deploy" data-job-id="' in page
     assert re.search(r'data-job="build"[^>]*data-state="pending"', page)
+    assert page.count('<span class="attempt" title="attempt 1">#1</span>') == 4
     assert 'data-kind="cancel-pipeline"' in page
     assert 'data-stream="/api/v1/events/stream?pipeline_id=' in page
 
