@@ -10,25 +10,22 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import socket
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from gateway import __version__, runner
 from gateway.api.common import Context
-from gateway.config import DEFAULT_DATA_DIR, Settings
+from gateway.client import DEFAULT_URL, MissingToken, api_token, gateway_url
+from gateway.config import Settings
 from gateway.errors import ConfigError, StoreError
-from gateway.keys import ADMIN_TOKEN_FILE
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 CLIENT_TIMEOUT_S = 30.0
 CONTINUE_ATTEMPTS = 5
 
@@ -192,16 +189,14 @@ def _gateway_server(config: Any, ctx: Context) -> Any:
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
-    url = args.url or os.environ.get("GATEWAY_URL") or DEFAULT_URL
-    token = args.token or os.environ.get("GATEWAY_TOKEN")
-    if not token:
-        data_dir = Path(args.data_dir or os.environ.get("GATEWAY_DATA_DIR") or DEFAULT_DATA_DIR)
-        path = data_dir / ADMIN_TOKEN_FILE
-        if not path.exists():
-            raise CommandError("no API token: pass --token or set GATEWAY_TOKEN")
-        token = path.read_text().strip()
+    try:
+        token = api_token(args.token, args.data_dir)
+    except MissingToken as exc:
+        raise CommandError(str(exc)) from None
     return httpx.Client(
-        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=CLIENT_TIMEOUT_S
+        base_url=gateway_url(args.url),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=CLIENT_TIMEOUT_S,
     )
 
 

@@ -12,7 +12,6 @@ is named) or the gateway refused its content.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,12 +22,10 @@ from typing import Any, TextIO
 
 import httpx
 
-from gateway.config import DEFAULT_DATA_DIR
-from gateway.keys import ADMIN_TOKEN_FILE
+from gateway.client import DEFAULT_URL, MissingToken, api_token, gateway_url
 from gateway.pipeline_file import PipelineFileError, load_pipeline
 from gateway.pipelines import PipelineState
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 HTTP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.5
 RETRY_CAP_S = 5.0
@@ -206,16 +203,14 @@ def progress_table(snapshot: Snapshot, now: float) -> Any:
 
 
 def api_client(args: argparse.Namespace) -> httpx.Client:
-    url = args.url or os.environ.get("GATEWAY_URL") or DEFAULT_URL
-    token = args.token or os.environ.get("GATEWAY_TOKEN")
-    if not token:
-        data_dir = Path(args.data_dir or os.environ.get("GATEWAY_DATA_DIR") or DEFAULT_DATA_DIR)
-        path = data_dir / ADMIN_TOKEN_FILE
-        if not path.exists():
-            raise PipelineRunError("no API token: pass --token or set GATEWAY_TOKEN")
-        token = path.read_text().strip()
+    try:
+        token = api_token(args.token, args.data_dir)
+    except MissingToken as exc:
+        raise PipelineRunError(str(exc)) from None
     return httpx.Client(
-        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT_S
+        base_url=gateway_url(args.url),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=HTTP_TIMEOUT_S,
     )
 
 

@@ -36,13 +36,11 @@ from typing import Any
 import httpx
 
 from gateway import __version__
-from gateway.config import DEFAULT_DATA_DIR
-from gateway.keys import ADMIN_TOKEN_FILE
+from gateway.client import DEFAULT_URL, MissingToken, api_token, gateway_url
 from gateway.masking import Masker
 
 log = logging.getLogger("gateway.runner")
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 MAX_PATCH_BYTES = 64 * 1024
 TRACE_INTERVAL_S = 1.0
 DEFAULT_TRACE_LIMIT_BYTES = 16 * 1024 * 1024
@@ -1027,15 +1025,12 @@ async def _serve(runner: Runner) -> int:
 
 
 def _register_command(args: argparse.Namespace) -> int:
-    url = args.url or os.environ.get("GATEWAY_URL") or DEFAULT_URL
-    token = args.token or os.environ.get("GATEWAY_TOKEN")
-    if not token:
-        data_dir = Path(args.data_dir or os.environ.get("GATEWAY_DATA_DIR") or DEFAULT_DATA_DIR)
-        path = data_dir / ADMIN_TOKEN_FILE
-        if not path.exists():
-            print("gateway: no API token: pass --token or set GATEWAY_TOKEN", file=sys.stderr)
-            return 1
-        token = path.read_text().strip()
+    url = gateway_url(args.url)
+    try:
+        token = api_token(args.token, args.data_dir)
+    except MissingToken as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     body = {
         "description": args.description,
         "tags": _tag_list(args.tags),
