@@ -57,11 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (GATEWAY_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port, 0 for any (GATEWAY_PORT, 8080)")
     serve.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR, ./gateway-data)")
-    serve.add_argument("--db", help="sqlite:///path (GATEWAY_DB)")
+    serve.add_argument("--db", help="sqlite:///path or postgresql://... (GATEWAY_DB)")
     serve.add_argument("--public-url", help="base of continue URLs (GATEWAY_PUBLIC_URL)")
     serve.add_argument("--sweep-interval-s", type=float, help="GATEWAY_SWEEP_INTERVAL_S")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser("migrate", help="apply the database migrations, then exit")
+    migrate.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR, ./gateway-data)")
+    migrate.add_argument("--db", help="sqlite:///path or postgresql://... (GATEWAY_DB)")
+    migrate.set_defaults(run=_migrate)
 
     job = commands.add_parser("job", help="create and inspect jobs").add_subparsers(title="job")
     create = job.add_parser("create", help="create a job; prints it (with continue_url)")
@@ -166,6 +171,22 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(stop_signal, lambda *_: None)
     _gateway_server(config, app.state.ctx).run(sockets=[sock])
     print("gateway stopped", flush=True)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """Open the store (which migrates it, or refuses a schema newer than this code) and close."""
+    from gateway.store import open_store
+
+    settings = Settings.from_env(data_dir=args.data_dir, db=args.db)
+
+    async def run() -> None:
+        store = open_store(settings)
+        await store.open()
+        await store.close()
+
+    asyncio.run(run())
+    print("the database schema is up to date", flush=True)
     return 0
 
 

@@ -34,6 +34,7 @@ DEFAULT_WEBHOOK_INLINE_BYTES = 262_144
 DEFAULT_MAX_ARTIFACT_BYTES = 10_485_760
 DEFAULT_ARTIFACT_URL_TTL_S = 7 * 86_400
 SWEEP_BATCH_SIZE = 1000
+DEFAULT_DB_POOL_SIZE = 10
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Settings:
     port: int = DEFAULT_PORT
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     db: str | None = None
+    db_pool_size: int = DEFAULT_DB_POOL_SIZE
     public_url: str | None = None
     admin_token: str | None = None
     secret_key: str | None = None
@@ -74,6 +76,13 @@ class Settings:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+    @property
+    def postgres_dsn(self) -> str | None:
+        """`db` when it names a PostgreSQL database (`postgresql://` or `postgres://`)."""
+        if self.db is not None and self.db.startswith(("postgresql://", "postgres://")):
+            return self.db
+        return None
 
     @property
     def sqlite_path(self) -> Path:
@@ -121,6 +130,7 @@ class Settings:
             "webhook_endpoint_concurrency",
             "max_artifact_bytes",
             "artifact_url_ttl_s",
+            "db_pool_size",
         ):
             if not 0 < getattr(self, name) < math.inf:  # also refuses NaN
                 raise ConfigError(f"GATEWAY_{name.upper()} must be positive and finite")
@@ -128,7 +138,8 @@ class Settings:
             raise ConfigError("GATEWAY_WEBHOOK_INLINE_BYTES must be 0 (never inline) or more")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ConfigError("GATEWAY_PUBLIC_URL must start with http:// or https://")
-        self.sqlite_path  # noqa: B018 - raises on an unsupported scheme
+        if self.postgres_dsn is None:
+            self.sqlite_path  # noqa: B018 - raises on an unsupported scheme
         self.retry_schedule  # noqa: B018 - raises on a bad schedule
         self.allow_nets  # noqa: B018 - raises on a bad CIDR
 

@@ -15,7 +15,8 @@
     │       ├── AlreadyFinal           409 already_final (job is terminal)
     │       ├── NotReady               409 not_ready (job's needs not met yet)
     │       ├── NotParked              409 not_parked (async script still running)
-    │       └── NotLatestAttempt       409 not_latest_attempt (retry of a retried job)
+    │       ├── NotLatestAttempt       409 not_latest_attempt (retry of a retried job)
+    │       └── ConcurrentChange       409 conflict (a compare-and-set missed; stores retry)
     └── StoreError             the store cannot serve (schema newer than code, key mismatch)
 
 HTTP statuses live in one table in `gateway.app`; error messages never carry a token or secret.
@@ -103,6 +104,11 @@ class RangeNotSatisfiable(RequestError):
 
 class StateConflict(RequestError):
     code = "conflict"
+
+
+class ConcurrentChange(StateConflict):
+    """A compare-and-set write missed: another transaction changed the row first. A store
+    retries the whole verb; only when retries run out does the caller see a 409."""
 
 
 class AlreadyFinal(StateConflict):

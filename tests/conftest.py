@@ -1,19 +1,28 @@
 """Fixtures shared by every tier: a manual clock, settings in a temp dir, the real app over
-httpx's ASGI transport with its lifespan running, and a real `gateway serve` process."""
+httpx's ASGI transport with its lifespan running, and a real `gateway serve` process.
+
+`settings` (and so `app`, `client`, `anon`) is parametrized over both stores: SQLite, and
+PostgreSQL when GATEWAY_TEST_POSTGRES_DSN is set (each test on a fresh schema of its own)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -21,10 +30,22 @@ from starlette.applications import Starlette
 from gateway.app import create_app
 from gateway.clock import ManualClock
 from gateway.config import Settings
+from gateway.store.postgres.bridge import to_postgres
 
 ADMIN_TOKEN = "gw_test-admin-token-0123456789abcdef"
 SECRET_KEY = "test-secret-key-0123456789abcdef"
 BASE_URL = "http://gateway.test"
+POSTGRES_DSN_VARIABLE = "GATEWAY_TEST_POSTGRES_DSN"
+POSTGRES_HOWTO = (
+    f"PostgreSQL tests are off; enable them with"
+    f" {POSTGRES_DSN_VARIABLE}=postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only: reads the SQLite file itself; not run against PostgreSQL"
+    )
 
 
 @pytest.fixture
@@ -32,10 +53,38 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """The `db` URL of the store under test: None (SQLite in the data dir), or a PostgreSQL
+    URL whose `search_path` is a schema made for this test and dropped after it."""
+    if request.param == "sqlite":
+        yield None
+        return
+    dsn = os.environ.get(POSTGRES_DSN_VARIABLE)
+    if not dsn:
+        pytest.skip(POSTGRES_HOWTO)
+    if request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("reads the SQLite file itself")
+    schema = f"t_{secrets.token_hex(8)}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await conn.close()
+    # asyncpg passes unknown URL parameters on as session settings
+    yield f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, database: str | None) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
+        db=database,
         admin_token=ADMIN_TOKEN,
         secret_key=SECRET_KEY,
         public_url=BASE_URL,
@@ -44,7 +93,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def app(settings: Settings, clock: ManualClock) -> AsyncIterator[Starlette]:
-    """The real app on a real SQLite file; the sweeper is driven by hand (`sweep`)."""
+    """The real app on a real store (see `database`); the sweeper is driven by hand (`sweep`)."""
     application = create_app(settings, clock=clock, run_sweeper=False)
     async with application.router.lifespan_context(application):
         yield application
@@ -68,6 +117,26 @@ async def anon(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
         yield http
+
+
+def read_db(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows of `sql` (`?` placeholders) read straight from the test's database, whichever store
+    it is: for assertions on what is stored, beside what the API shows."""
+    dsn = settings.postgres_dsn
+    if dsn is None:
+        with closing(sqlite3.connect(settings.sqlite_path)) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [tuple(row) for row in await conn.fetch(to_postgres(sql), *params)]
+        finally:
+            await conn.close()
+
+    # The test's own loop is running in this thread: the query gets a loop of its own.
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, fetch()).result()
 
 
 async def sweep(app: Starlette) -> int:

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +28,15 @@ from tests.api.test_runner_api import (
     register_runner,
     script_job,
 )
-from tests.conftest import ADMIN_TOKEN, BASE_URL, SECRET_KEY, continue_path, create_job, sweep
+from tests.conftest import (
+    ADMIN_TOKEN,
+    BASE_URL,
+    SECRET_KEY,
+    continue_path,
+    create_job,
+    read_db,
+    sweep,
+)
 
 MAX_ARTIFACT = 4096
 INLINE_BUDGET = 100
@@ -83,13 +90,9 @@ async def subscribed(client: httpx.AsyncClient) -> None:
 
 def message_bodies(settings: Settings, job_id: str) -> dict[str, dict[str, Any]]:
     """The frozen webhook bodies of a job's events, by event type, read from the database."""
-    conn = sqlite3.connect(settings.sqlite_path)
-    try:
-        rows = conn.execute(
-            "SELECT event_type, body FROM webhook_messages WHERE job_id = ?", (job_id,)
-        ).fetchall()
-    finally:
-        conn.close()
+    rows = read_db(
+        settings, "SELECT event_type, body FROM webhook_messages WHERE job_id = ?", job_id
+    )
     return {event_type: json.loads(body) for event_type, body in rows}
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +20,7 @@ from gateway.clock import ManualClock
 from gateway.config import Settings
 from gateway.sweeper import Sweeper
 from tests.api.test_artifacts import Receiver
-from tests.conftest import ADMIN_TOKEN, BASE_URL, continue_path, create_job
+from tests.conftest import ADMIN_TOKEN, BASE_URL, continue_path, create_job, read_db
 
 DAY = 86_400
 RETENTION_DAYS = 30
@@ -41,11 +40,7 @@ def settings(settings: Settings) -> Settings:
 
 
 def count_rows(settings: Settings, sql: str, *params: Any) -> int:
-    conn = sqlite3.connect(settings.sqlite_path)
-    try:
-        count: int = conn.execute(sql, params).fetchone()[0]
-    finally:
-        conn.close()
+    count: int = read_db(settings, sql, *params)[0][0]
     return count
 
 

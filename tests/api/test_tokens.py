@@ -4,7 +4,6 @@ and every write answers 403; a revoked token stops at once."""
 from __future__ import annotations
 
 import re
-import sqlite3
 from typing import Any
 
 import httpx
@@ -13,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway.config import Settings
-from tests.conftest import BASE_URL, continue_path, create_job
+from tests.conftest import BASE_URL, continue_path, create_job, read_db
 
 SOME_ULID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 _PARAM = re.compile(r"\{[^}]+\}")
@@ -71,9 +70,7 @@ async def test_the_database_keeps_only_the_tokens_hash(
 ) -> None:
     """No byte of a created token is stored; its SHA-256 is."""
     created = await new_token(client, "ci", "admin")
-    with sqlite3.connect(settings.sqlite_path) as db:
-        rows = db.execute("SELECT * FROM api_tokens").fetchall()
-    db.close()
+    rows = read_db(settings, "SELECT * FROM api_tokens")
     assert created["token"] not in repr(rows)
 
 

@@ -1,6 +1,6 @@
 """A blocking, sqlite3-shaped face on one asyncpg connection, for the store's verbs.
 
-The verbs are plain functions of a connection (`Tx` in `gateway.store.sqlite.tx`): SQLite runs
+The verbs are plain functions of a connection (`Tx` in `gateway.store.verbs.tx`): SQLite runs
 them on its connection thread. On PostgreSQL they run in a worker thread, and every statement
 they issue is sent by asyncpg on the event loop (`run_coroutine_threadsafe`), one at a time, so
 the connection is only ever used from the loop. `?` placeholders become `$1, $2, ...`.
@@ -19,11 +19,22 @@ import asyncpg
 T = TypeVar("T")
 _PLACEHOLDER = re.compile(r"\?")
 _RETURNS_ROWS = re.compile(r"^\s*(SELECT|WITH)\b|\bRETURNING\b", re.IGNORECASE)
+# The only SQLite spellings the verbs use that PostgreSQL lacks, and PostgreSQL's for them:
+# - `group_concat(x, ',')` (always with its separator) is `string_agg(x, ',')`;
+# - `json_each(?)` over a JSON array of strings (`SELECT value FROM ...`) is
+#   `json_array_elements_text(?::json)`, whose column is also named `value`.
+REWRITES = (
+    (re.compile(r"\bgroup_concat\(([^,()]+), ','\)"), r"string_agg(\1, ',')"),
+    (re.compile(r"\bjson_each\(\?\)"), "json_array_elements_text(?::json)"),
+)
 
 
 @lru_cache(maxsize=512)
 def to_postgres(sql: str) -> str:
-    """`?` placeholders as `$n` (our SQL never holds a `?` inside a literal)."""
+    """The verbs' SQL in PostgreSQL's dialect: `REWRITES`, then `?` placeholders as `$n` (our
+    SQL never holds a `?` inside a literal)."""
+    for pattern, replacement in REWRITES:
+        sql = pattern.sub(replacement, sql)
     counter = iter(range(1, 10_000))
     return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
 
@@ -50,6 +61,14 @@ class Result:
         return int(row[0])
 
 
+def _storable(value: Any) -> Any:
+    """PostgreSQL's text cannot hold NUL: it becomes U+FFFD (so an id with a NUL is simply not
+    found, as on SQLite, instead of an error)."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
 def _rowcount(status: str) -> int:
     """`UPDATE 3` -> 3, `INSERT 0 1` -> 1."""
     last = status.rsplit(" ", 1)[-1]
@@ -68,14 +87,15 @@ class BlockingConnection:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
         query = to_postgres(sql)
+        values = [_storable(value) for value in params]
         if _RETURNS_ROWS.search(sql):
-            rows = self._wait(self._conn.fetch(query, *params))
+            rows = self._wait(self._conn.fetch(query, *values))
             return Result(rows, len(rows))
-        status = self._wait(self._conn.execute(query, *params))
+        status = self._wait(self._conn.execute(query, *values))
         return Result([], _rowcount(status))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Result:
-        batch = [tuple(row) for row in rows]
+        batch = [tuple(_storable(value) for value in row) for row in rows]
         if batch:
             self._wait(self._conn.executemany(to_postgres(sql), batch))
         return Result([], len(batch))

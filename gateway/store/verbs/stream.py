@@ -7,15 +7,15 @@ are the event's, the rest is the job as it is now.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from gateway.errors import NotFound
 from gateway.models import PipelineEvent, StreamEvent
 from gateway.pipelines import PipelineState
 from gateway.states import State
-from gateway.store.sqlite.outbox import job_event_data, pipeline_event_data
-from gateway.store.sqlite.tx import Tx
+from gateway.store.verbs.connection import Connection
+from gateway.store.verbs.outbox import job_event_data, pipeline_event_data
+from gateway.store.verbs.tx import Tx
 from gateway.webhooks import events as wire
 
 _READ = (
@@ -30,7 +30,7 @@ _ATTEMPTS = (
 )
 
 
-def stream_head(conn: sqlite3.Connection) -> int:
+def stream_head(conn: Connection) -> int:
     """The sequence of the newest event (0 when there is none)."""
     return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM event_log").fetchone()[0])
 

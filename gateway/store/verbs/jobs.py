@@ -1,14 +1,14 @@
-"""Job verbs on SQLite: create, read, cancel, retry, the continue URL, and the deadline sweep."""
+"""Job verbs: create, read, cancel, retry, the continue URL, and the deadline sweep."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import (
     AlreadyFinal,
+    ConcurrentChange,
     GatewayError,
     NotFound,
     NotLatestAttempt,
@@ -27,7 +27,8 @@ from gateway.store.base import (
     decode_cursor,
     encode_cursor,
 )
-from gateway.store.sqlite.tx import (
+from gateway.store.verbs.connection import Connection
+from gateway.store.verbs.tx import (
     INSERT_EVENT,
     SELECT_JOB,
     UPDATE_TRANSITION,
@@ -46,13 +47,13 @@ def create_job(tx: Tx, job_id: str, spec: JobSpec, minter: Minter) -> Transition
     return Transition(job=tx.insert_job(job_id, spec, minter).job, changes=tx.changes())
 
 
-def get_job(conn: sqlite3.Connection, job_id: str) -> Job | None:
+def get_job(conn: Connection, job_id: str) -> Job | None:
     row = conn.execute(f"{SELECT_JOB} WHERE id = ?", (job_id,)).fetchone()
     return None if row is None else load_job(row).job
 
 
 def list_jobs(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     state: State | None,
     pipeline_id: str | None,
@@ -72,7 +73,7 @@ def list_jobs(
     if cursor is not None:
         clauses.append("id < ?")
         params.append(decode_cursor(cursor, "j:"))
-    where = " AND ".join(clauses) or "1"
+    where = " AND ".join(clauses) or "1 = 1"
     rows = conn.execute(
         f"{SELECT_JOB} WHERE {where} ORDER BY id DESC LIMIT ?", (*params, limit + 1)
     ).fetchall()
@@ -81,7 +82,7 @@ def list_jobs(
     return Page(items=jobs, next_cursor=encode_cursor("j:" + jobs[-1].id) if more else None)
 
 
-def list_parked(conn: sqlite3.Connection, limit: int) -> list[Job]:
+def list_parked(conn: Connection, limit: int) -> list[Job]:
     """Up to `limit` parked jobs (their callback awaited: an external job pending or running,
     an async job waiting), oldest first."""
     rows = conn.execute(
@@ -92,7 +93,7 @@ def list_parked(conn: sqlite3.Connection, limit: int) -> list[Job]:
     return [load_job(row).job for row in rows]
 
 
-def list_events(conn: sqlite3.Connection, job_id: str, *, after: int, limit: int) -> Page[JobEvent]:
+def list_events(conn: Connection, job_id: str, *, after: int, limit: int) -> Page[JobEvent]:
     if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
         raise NotFound(f"no job {job_id}")
     rows = conn.execute(
@@ -107,12 +108,12 @@ def list_events(conn: sqlite3.Connection, job_id: str, *, after: int, limit: int
     )
 
 
-def read_trace(conn: sqlite3.Connection, job_id: str, offset: int) -> bytes:
+def read_trace(conn: Connection, job_id: str, offset: int) -> bytes:
     if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
         raise NotFound(f"no job {job_id}")
     rows = conn.execute(
-        "SELECT offset, data FROM job_trace WHERE job_id = ? AND offset + length(data) > ?"
-        " ORDER BY offset",
+        'SELECT "offset", data FROM job_trace WHERE job_id = ? AND "offset" + length(data) > ?'
+        ' ORDER BY "offset"',
         (job_id, offset),
     ).fetchall()
     if not rows:
@@ -122,13 +123,17 @@ def read_trace(conn: sqlite3.Connection, job_id: str, offset: int) -> bytes:
 
 
 def append_to_trace(tx: Tx, loaded: Loaded, data: bytes) -> int:
-    """Append `data` at the end of the job's trace; the new size."""
+    """Append `data` at the end of the job's trace; the new size. ConcurrentChange when another
+    append moved the end since the job was read."""
+    grown = tx.conn.execute(
+        "UPDATE jobs SET trace_size = trace_size + ? WHERE id = ? AND trace_size = ?",
+        (len(data), loaded.job.id, loaded.trace_size),
+    ).rowcount
+    if grown != 1:
+        raise ConcurrentChange("the trace grew concurrently; try again")
     tx.conn.execute(
-        "INSERT INTO job_trace (job_id, offset, data) VALUES (?, ?, ?)",
+        'INSERT INTO job_trace (job_id, "offset", data) VALUES (?, ?, ?)',
         (loaded.job.id, loaded.trace_size, data),
-    )
-    tx.conn.execute(
-        "UPDATE jobs SET trace_size = trace_size + ? WHERE id = ?", (len(data), loaded.job.id)
     )
     return loaded.trace_size + len(data)
 
@@ -174,7 +179,7 @@ def retry_job(tx: Tx, job_id: str, new_id: Callable[[], str], minter: Minter) ->
     return Transition(job=tx.job(first.id).job, changes=tx.changes())
 
 
-def find_by_continue_token(conn: sqlite3.Connection, token_hash: bytes) -> Job | None:
+def find_by_continue_token(conn: Connection, token_hash: bytes) -> Job | None:
     row = conn.execute(f"{SELECT_JOB} WHERE token_hash = ?", (token_hash,)).fetchone()
     return None if row is None else load_job(row).job
 
@@ -233,11 +238,13 @@ def consume_continue(
             if _is_repeat(loaded, call):
                 return ContinueResult(ContinueOutcome.DEFERRED, job, tx.changes())
             raise StateConflict("another terminal call was already accepted for this job")
-        tx.conn.execute(
+        kept = tx.conn.execute(
             "UPDATE jobs SET early_callback = ?, callback_digest = ?, callback_key = ?"
-            " WHERE id = ?",
+            " WHERE id = ? AND early_callback IS NULL",
             (_keep(call), call.digest, call.idempotency_key, job.id),
-        )
+        ).rowcount
+        if kept != 1:
+            raise ConcurrentChange("another terminal call came at the same time; try again")
         return ContinueResult(ContinueOutcome.DEFERRED, job, tx.changes())
     finished = apply_call(tx, loaded, call)
     tx.settle()
@@ -297,7 +304,9 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
     """Fire due deadlines in one batch. Failures are written with executemany; a requeue (a
     hand-out nobody confirmed) goes through `Tx.write`, which revokes its credentials."""
     rows = tx.conn.execute(
-        f"{SELECT_JOB} WHERE deadline_at <= ? ORDER BY deadline_at LIMIT ?", (tx.now, limit)
+        f"{SELECT_JOB} WHERE deadline_at <= ? ORDER BY deadline_at LIMIT ?"
+        + tx.dialect.skip_locked(),
+        (tx.now, limit),
     ).fetchall()
     if not rows:
         return Sweep(changes=tx.changes(), fired=0, oldest_deadline_at=None)
@@ -320,12 +329,27 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
     if updates:
         cursor = tx.conn.executemany(UPDATE_TRANSITION, updates)
         if cursor.rowcount != len(updates):
-            raise StateConflict("a due job changed concurrently; the sweep retries")
-        tx.conn.executemany(INSERT_EVENT, inserts)
-        last = tx.conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'job_events'"
-        ).fetchone()[0]
-        first = last - len(inserts) + 1
-        tx.record_swept([job_event(first + i, p) for i, p in enumerate(inserts)], changed)
+            raise ConcurrentChange("a due job changed concurrently; the sweep retries")
+        tx.record_swept(_insert_events(tx, inserts), changed)
     tx.settle()
     return Sweep(changes=tx.changes(), fired=len(rows), oldest_deadline_at=oldest)
+
+
+_EVENTS_PER_INSERT = 500  # rows per multi-row INSERT (7 parameters each)
+
+
+def _insert_events(tx: Tx, inserts: list[tuple[Any, ...]]) -> list[JobEvent]:
+    """Insert the events (one per job) a few hundred rows per statement; their ids come back
+    with RETURNING, matched by job id (the order of RETURNING rows is not guaranteed)."""
+    events = []
+    columns = INSERT_EVENT.split(" VALUES ", 1)[0]
+    for start in range(0, len(inserts), _EVENTS_PER_INSERT):
+        chunk = inserts[start : start + _EVENTS_PER_INSERT]
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+        rows = tx.conn.execute(
+            f"{columns} VALUES {values} RETURNING id, job_id",
+            [value for params in chunk for value in params],
+        ).fetchall()
+        ids = {job_id: event_id for event_id, job_id in rows}
+        events += [job_event(ids[params[0]], params) for params in chunk]
+    return events

@@ -1,9 +1,10 @@
-"""One transaction's unit of work on SQLite: load jobs, apply state-machine changes
+"""One transaction's unit of work: load jobs, apply state-machine changes
 compare-and-set, record events, insert jobs, and settle the pipelines a change touched.
 
-Every store verb is a function of a `Tx`, run on the database thread between BEGIN IMMEDIATE
-and COMMIT; `Tx.changes()` is what the verb reports back (events, pipeline events, minted
-credentials).
+Every store verb is a function of a `Tx`, run inside one transaction of its backend (SQLite's
+BEGIN IMMEDIATE, PostgreSQL's READ COMMITTED); `Tx.changes()` is what the verb reports back
+(events, pipeline events, minted credentials). A compare-and-set that misses raises
+ConcurrentChange, and the store runs the verb again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from gateway.artifacts import ArtifactLinks
-from gateway.errors import NotFound, StateConflict
+from gateway.errors import ConcurrentChange, NotFound
 from gateway.models import (
     Artifact,
     Job,
@@ -42,7 +42,8 @@ from gateway.states import (
     entry_deadlines,
 )
 from gateway.store.base import Changes, Minter, Policy
-from gateway.store.sqlite.outbox import EndpointCache, Outbox
+from gateway.store.verbs.connection import SQLITE, Connection, Dialect
+from gateway.store.verbs.outbox import EndpointCache, Outbox
 from gateway.tokens import ContinueCredential
 
 JOB_COLUMNS = (
@@ -76,7 +77,7 @@ _TRANSITION_WHERE = " WHERE id = ? AND state = ? AND event_sequence = ?"
 UPDATE_TRANSITION = _TRANSITION_SET + _TRANSITION_WHERE
 INSERT_EVENT = (
     "INSERT INTO job_events (job_id, sequence, state, previous_state, failure_reason, cause, at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"
 )
 # A hand-out nobody confirmed goes back to the queue with its credentials revoked.
 REQUEUE_COLUMNS = {
@@ -150,7 +151,7 @@ def load_job(row: Sequence[Any]) -> Loaded:
 
 
 def _artifacts(column: str | None) -> tuple[Artifact, ...]:
-    """The job row's copy of its artifacts' metadata (see `store.sqlite.artifacts`)."""
+    """The job row's copy of its artifacts' metadata (see `store.verbs.artifacts`)."""
     return () if column is None else tuple(Artifact(**fields) for fields in json.loads(column))
 
 
@@ -274,14 +275,16 @@ class Tx:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         policy: Policy,
         now: float,
         new_id: Callable[[], str],
         links: ArtifactLinks | None = None,
         endpoints: EndpointCache | None = None,
+        dialect: Dialect = SQLITE,
     ) -> None:
         self.conn = conn
+        self.dialect = dialect
         self.policy = policy
         self.now = now
         self.new_id = new_id
@@ -347,8 +350,8 @@ class Tx:
 
     def write(self, loaded: Loaded, change: Change, cause: str, **columns: Any) -> Loaded:
         """Compare-and-set `change` (plus extra `columns`) onto the row, record its event, and
-        return the row as written. StateConflict if the row moved (cannot happen under BEGIN
-        IMMEDIATE; kept as the contract's guard)."""
+        return the row as written. ConcurrentChange if the row moved since it was read (never
+        on SQLite, whose writers are serialised; on PostgreSQL the store retries the verb)."""
         if change.requeued:
             columns = {**REQUEUE_COLUMNS, **columns}
             self.requeued += 1
@@ -357,7 +360,7 @@ class Tx:
         sql = _TRANSITION_SET + extra + _TRANSITION_WHERE
         cursor = self.conn.execute(sql, params[:-3] + tuple(columns.values()) + params[-3:])
         if cursor.rowcount != 1:
-            raise StateConflict("the job changed concurrently; try again")
+            raise ConcurrentChange("the job changed concurrently; try again")
         after = _written(loaded, change, self.now, columns)
         if after is None:  # a column the mapping does not know: read the row back
             after = self.job(loaded.job.id)
@@ -368,8 +371,7 @@ class Tx:
         return after
 
     def _record(self, params: tuple[Any, ...], after: Job) -> None:
-        event_id = self.conn.execute(INSERT_EVENT, params).lastrowid
-        assert event_id is not None
+        event_id = self.conn.execute(INSERT_EVENT, params).fetchall()[0][0]
         event = job_event(event_id, params)
         self.events.append(event)
         self.outbox.job_event(event, after, lambda: after, self.pipeline_has_url)
@@ -450,7 +452,7 @@ class Tx:
                 state.value,
                 attempt,
                 retry_of,
-                ENCODE.encode(spec),
+                ENCODE.encode(spec).decode(),  # TEXT on both databases
                 json.dumps(list(needs)) if needs else None,
                 self.now,
                 self.now if state is State.PENDING else None,
@@ -476,8 +478,13 @@ class Tx:
 
     # -- pipelines -------------------------------------------------------------------------
 
-    def pipeline(self, pipeline_id: str) -> tuple[Pipeline, int]:
-        row = self.conn.execute(f"{SELECT_PIPELINE} WHERE id = ?", (pipeline_id,)).fetchone()
+    def pipeline(self, pipeline_id: str, *, lock: bool = False) -> tuple[Pipeline, int]:
+        """The pipeline and its event sequence; `lock`: held until the transaction ends (on
+        PostgreSQL; SQLite's writers are serialised anyway)."""
+        suffix = self.dialect.for_update() if lock else ""
+        row = self.conn.execute(
+            f"{SELECT_PIPELINE} WHERE id = ?{suffix}", (pipeline_id,)
+        ).fetchone()
         if row is None:
             raise NotFound(f"no pipeline {pipeline_id}")
         return load_pipeline(row)
@@ -496,10 +503,14 @@ class Tx:
     def settle(self) -> None:
         """Bring every pipeline a change touched up to date: jobs whose needs succeeded become
         pending, jobs with a failed, canceled or skipped need are skipped (until nothing
-        moves), then the pipeline's derived state is stored with an event if it changed."""
+        moves), then the pipeline's derived state is stored with an event if it changed.
+
+        The pipeline row is locked first, so transactions settling one pipeline take turns and
+        each sees the jobs the one before it committed (under READ COMMITTED a cascade could
+        otherwise be skipped by both)."""
         while self._touched:
             pipeline_id = self._touched.pop()
-            pipeline, sequence = self.pipeline(pipeline_id)
+            pipeline, sequence = self.pipeline(pipeline_id, lock=True)
             jobs = {lj.job.name: lj for lj in self.latest_jobs(pipeline)}
             moved = True
             while moved:
@@ -537,7 +548,7 @@ class Tx:
         started = pipeline.started_at
         if started is None and state not in (PipelineState.PENDING,):
             started = self.now
-        self.conn.execute(
+        updated = self.conn.execute(
             "UPDATE pipelines SET state = ?, started_at = ?, finished_at = ?, event_sequence = ?"
             " WHERE id = ? AND event_sequence = ?",
             (
@@ -548,14 +559,15 @@ class Tx:
                 pipeline.id,
                 sequence,
             ),
-        )
+        ).rowcount
+        if updated != 1:
+            raise ConcurrentChange("the pipeline changed concurrently; try again")
         params = (pipeline.id, sequence + 1, state.value, pipeline.state.value, self.now)
         event_id = self.conn.execute(
             "INSERT INTO pipeline_events (pipeline_id, sequence, state, previous_state, at)"
-            " VALUES (?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?) RETURNING id",
             params,
-        ).lastrowid
-        assert event_id is not None
+        ).fetchall()[0][0]
         event = PipelineEvent(
             id=event_id,
             pipeline_id=pipeline.id,

@@ -1,4 +1,4 @@
-"""Artifact verbs on SQLite: uploads through the continue URL (a heartbeat) or by the job's
+"""Artifact verbs: uploads through the continue URL (a heartbeat) or by the job's
 runner (a runner ping), and reads.
 
 The bytes live in `artifacts`; the job row keeps a copy of their metadata in its `artifacts`
@@ -9,16 +9,16 @@ webhook bodies) carries the list without another query.
 from __future__ import annotations
 
 import json
-import sqlite3
 
 from gateway.artifacts import ArtifactUpload
 from gateway.errors import AlreadyFinal, IllegalTransition, NotFound
 from gateway.models import Artifact
 from gateway.states import State, Trigger
 from gateway.store.base import ArtifactBlob, ArtifactStored
-from gateway.store.sqlite.jobs import UNKNOWN_TOKEN
-from gateway.store.sqlite.runners import _job_for_runner
-from gateway.store.sqlite.tx import Loaded, Tx
+from gateway.store.verbs.connection import Connection
+from gateway.store.verbs.jobs import UNKNOWN_TOKEN
+from gateway.store.verbs.runners import _job_for_runner
+from gateway.store.verbs.tx import Loaded, Tx
 
 
 def put_by_continue(tx: Tx, token_hash: bytes, upload: ArtifactUpload) -> ArtifactStored:
@@ -76,7 +76,7 @@ def _keep(tx: Tx, loaded: Loaded, upload: ArtifactUpload) -> ArtifactStored:
     return ArtifactStored(job=tx.job(job_id).job, artifact=upload.artifact, changes=tx.changes())
 
 
-def get_artifact(conn: sqlite3.Connection, job_id: str, name: str) -> ArtifactBlob | None:
+def get_artifact(conn: Connection, job_id: str, name: str) -> ArtifactBlob | None:
     row = conn.execute(
         "SELECT name, content_type, size, sha256, data FROM artifacts"
         " WHERE job_id = ? AND name = ?",

@@ -1,10 +1,9 @@
-"""Runner verbs on SQLite: registration, hand-out, confirmation, trace, exit."""
+"""Runner verbs: registration, hand-out, confirmation, trace, exit."""
 
 from __future__ import annotations
 
 import hmac
 import json
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,13 +17,14 @@ from gateway.errors import (
 from gateway.models import HandOut, Page, Runner, RunnerSpec
 from gateway.states import FailureReason, State, Trigger
 from gateway.store.base import Minter, TraceAppend, Transition, decode_cursor, encode_cursor
-from gateway.store.sqlite.jobs import append_to_trace, apply_call, early_call
-from gateway.store.sqlite.tx import SELECT_JOB, Loaded, Tx, load_job
+from gateway.store.verbs.connection import Connection
+from gateway.store.verbs.jobs import append_to_trace, apply_call, early_call
+from gateway.store.verbs.tx import SELECT_JOB, Loaded, Tx, load_job
 
 HAND_OUT_SCAN = 200  # pending jobs looked at per query when matching tags
 _RUNNER_COLUMNS = (
     "id, description, tags, run_untagged, created_at, last_seen_at,"
-    " (SELECT group_concat(j.id) FROM jobs AS j WHERE j.runner_id = runners.id"
+    " (SELECT group_concat(j.id, ',') FROM jobs AS j WHERE j.runner_id = runners.id"
     " AND j.state = 'running') AS running"
 )
 
@@ -60,7 +60,7 @@ def create_runner(tx: Tx, runner_id: str, spec: RunnerSpec, token_hash: bytes) -
     return _load_runner(row)
 
 
-def list_runners(conn: sqlite3.Connection, *, limit: int, cursor: str | None) -> Page[Runner]:
+def list_runners(conn: Connection, *, limit: int, cursor: str | None) -> Page[Runner]:
     after = "" if cursor is None else decode_cursor(cursor, "r:")
     rows = conn.execute(
         f"SELECT {_RUNNER_COLUMNS} FROM runners WHERE revoked_at IS NULL AND id > ?"
@@ -81,7 +81,7 @@ def revoke_runner(tx: Tx, runner_id: str) -> None:
         raise NotFound(f"no runner {runner_id}")
 
 
-def find_runner(conn: sqlite3.Connection, token_hash: bytes) -> Runner | None:
+def find_runner(conn: Connection, token_hash: bytes) -> Runner | None:
     row = conn.execute(
         f"SELECT {_RUNNER_COLUMNS} FROM runners WHERE token_hash = ? AND revoked_at IS NULL",
         (token_hash,),
@@ -90,7 +90,10 @@ def find_runner(conn: sqlite3.Connection, token_hash: bytes) -> Runner | None:
 
 
 def claim_job(tx: Tx, runner: Runner, job_token_hash: bytes, minter: Minter) -> HandOut | None:
-    """Hand the oldest pending script job whose tags this runner has to it, exactly once."""
+    """Hand the oldest pending script job whose tags this runner has to it, exactly once.
+
+    Candidates are scanned unlocked; the one that fits is then locked alone (SKIP LOCKED on
+    PostgreSQL, so runners on other replicas take the next one instead of waiting)."""
     tx.conn.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?", (tx.now, runner.id))
     offset = 0
     while True:
@@ -100,9 +103,16 @@ def claim_job(tx: Tx, runner: Runner, job_token_hash: bytes, minter: Minter) -> 
             (HAND_OUT_SCAN, offset),
         ).fetchall()
         for row in rows:
-            loaded = load_job(row)
-            if runner.can_run(loaded.job.spec.tags):
-                return _hand_out(tx, loaded, runner, job_token_hash, minter)
+            candidate = load_job(row)
+            if not runner.can_run(candidate.job.spec.tags):
+                continue
+            locked = tx.conn.execute(
+                f"{SELECT_JOB} WHERE id = ? AND state = 'pending' AND runner_id IS NULL"
+                + tx.dialect.skip_locked(),
+                (candidate.job.id,),
+            ).fetchone()
+            if locked is not None:
+                return _hand_out(tx, load_job(locked), runner, job_token_hash, minter)
         if len(rows) < HAND_OUT_SCAN:
             return None
         offset += HAND_OUT_SCAN

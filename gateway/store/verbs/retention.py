@@ -1,4 +1,4 @@
-"""Retention on SQLite: delete terminal jobs and finished pipelines older than the cut-off, with
+"""Retention : delete terminal jobs and finished pipelines older than the cut-off, with
 everything they own, a small batch per transaction.
 
 A standalone job goes with its earlier attempts once its latest attempt is terminal and old
@@ -21,7 +21,7 @@ from ulid import ULID
 from gateway.pipelines import PipelineState
 from gateway.states import TERMINAL_STATES
 from gateway.store.base import Pruned
-from gateway.store.sqlite.tx import Tx
+from gateway.store.verbs.tx import Tx
 
 _TERMINAL = ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES))
 _PIPELINE_TERMINAL = ", ".join(f"'{state.value}'" for state in PipelineState if state.terminal)
@@ -32,15 +32,15 @@ _DOOMED_JOBS = f"""
 WITH RECURSIVE doomed(id, latest) AS (
     SELECT id, 1 FROM (
         SELECT id FROM jobs
-        WHERE id < :bound AND pipeline_id IS NULL AND state IN ({_TERMINAL})
-        AND finished_at < :before
+        WHERE id < ? AND pipeline_id IS NULL AND state IN ({_TERMINAL})
+        AND finished_at < ?
         AND NOT EXISTS (SELECT 1 FROM jobs AS later WHERE later.retry_of = jobs.id)
         AND NOT EXISTS (
             SELECT 1 FROM webhook_deliveries AS d WHERE d.job_id = jobs.id
-            AND d.state = 'pending' AND d.leased_until >= :now
+            AND d.state = 'pending' AND d.leased_until >= ?
         )
-        LIMIT :limit
-    )
+        LIMIT ?
+    ) AS candidates
     UNION ALL
     SELECT jobs.retry_of, 0 FROM jobs JOIN doomed ON jobs.id = doomed.id
     WHERE jobs.retry_of IS NOT NULL
@@ -51,15 +51,15 @@ SELECT id, latest FROM doomed
 _DOOMED_PIPELINES = f"""
 SELECT p.id, (SELECT count(*) FROM jobs WHERE jobs.pipeline_id = p.id)
 FROM pipelines AS p
-WHERE p.id < :bound AND p.state IN ({_PIPELINE_TERMINAL}) AND p.finished_at < :before
+WHERE p.id < ? AND p.state IN ({_PIPELINE_TERMINAL}) AND p.finished_at < ?
 AND NOT EXISTS (
     SELECT 1 FROM jobs WHERE jobs.pipeline_id = p.id AND jobs.state NOT IN ({_TERMINAL})
 )
 AND NOT EXISTS (
     SELECT 1 FROM webhook_messages AS m JOIN webhook_deliveries AS d ON d.message_id = m.id
-    WHERE m.pipeline_id = p.id AND d.state = 'pending' AND d.leased_until >= :now
+    WHERE m.pipeline_id = p.id AND d.state = 'pending' AND d.leased_until >= ?
 )
-LIMIT :limit
+LIMIT ?
 """
 
 
@@ -70,7 +70,7 @@ def id_bound(before: float) -> str:
 
 
 def prune(tx: Tx, before: float, limit: int) -> Pruned:
-    params = {"bound": id_bound(before), "before": before, "now": tx.now, "limit": limit}
+    params = (id_bound(before), before, tx.now, limit)  # the `?`s of both queries, in order
     rows = tx.conn.execute(_DOOMED_JOBS, params).fetchall()
     job_ids = [row[0] for row in rows]
     latest = sum(row[1] for row in rows)
@@ -94,7 +94,7 @@ def _delete_jobs(tx: Tx, job_ids: list[str]) -> None:
     tx.conn.execute(f"DELETE FROM jobs WHERE id IN {_IDS}", (ids,))
 
 
-def _prune_pipelines(tx: Tx, params: dict[str, object], limit: int) -> tuple[int, int, bool]:
+def _prune_pipelines(tx: Tx, params: tuple[object, ...], limit: int) -> tuple[int, int, bool]:
     """Finished, old pipelines while their jobs fit in `limit` (at least one pipeline per
     batch, however many jobs it has); (pipelines, jobs, more left)."""
     candidates = tx.conn.execute(_DOOMED_PIPELINES, params).fetchall()

@@ -1,4 +1,4 @@
-"""The webhook outbox and event log on SQLite: in the transaction that records an event, its
+"""The webhook outbox and event log: in the transaction that records an event, its
 message (the frozen body, which is also what the live event stream serves), an entry in the
 global event log, and one delivery per matching endpoint. Nothing is sent here; the dispatcher
 claims due deliveries later, so a crash at any point loses nothing.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from gateway.models import (
     pipeline_to_wire,
 )
 from gateway.states import State
+from gateway.store.verbs.connection import Connection
 from gateway.webhooks import events as wire
 
 ENDPOINT_COLUMNS = "id, url, events, pipeline_id, owner_job_id, owner_pipeline_id, enabled"
@@ -60,7 +60,7 @@ class EndpointCache:
         self._targets: list[Target] | None = None
         self._read_at = 0.0
 
-    def targets(self, conn: sqlite3.Connection) -> list[Target]:
+    def targets(self, conn: Connection) -> list[Target]:
         if self._targets is None or time.monotonic() - self._read_at > self._ttl_s:
             rows = conn.execute(
                 f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE owner_job_id IS NULL"
@@ -79,7 +79,7 @@ class Outbox:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         new_id: Callable[[], str],
         now: float,
         *,

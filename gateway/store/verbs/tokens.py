@@ -1,4 +1,4 @@
-"""API token verbs on SQLite: create (admin or viewer), list, find by id, revoke.
+"""API token verbs: create (admin or viewer), list, find by id, revoke.
 
 The table keeps each token's SHA-256 only. A revoked token's row stays (listed with its
 `revoked_at`) until a new token takes its name.
@@ -6,14 +6,14 @@ The table keeps each token's SHA-256 only. A revoked token's row stays (listed w
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from gateway.errors import NotFound, StateConflict
 from gateway.models import ApiToken, Page
 from gateway.store.base import decode_cursor, encode_cursor
-from gateway.store.sqlite.tx import Tx
+from gateway.store.verbs.connection import Connection
+from gateway.store.verbs.tx import Tx
 
 BOOTSTRAP_TOKEN_ID = "admin"  # the row `ensure_api_token` keeps for GATEWAY_ADMIN_TOKEN
 _COLUMNS = "id, name, scope, token_hash, created_at, revoked_at"
@@ -53,7 +53,7 @@ def create_api_token(tx: Tx, token_id: str, name: str, token_hash: bytes, scope:
     )
 
 
-def list_api_tokens(conn: sqlite3.Connection, *, limit: int, cursor: str | None) -> Page[ApiToken]:
+def list_api_tokens(conn: Connection, *, limit: int, cursor: str | None) -> Page[ApiToken]:
     """Every token, revoked ones included, by id."""
     after = "" if cursor is None else decode_cursor(cursor, "k:")
     rows = conn.execute(
@@ -64,7 +64,7 @@ def list_api_tokens(conn: sqlite3.Connection, *, limit: int, cursor: str | None)
     return Page(items=items, next_cursor=encode_cursor("k:" + items[-1].id) if more else None)
 
 
-def find_api_token_by_id(conn: sqlite3.Connection, token_id: str) -> ApiToken | None:
+def find_api_token_by_id(conn: Connection, token_id: str) -> ApiToken | None:
     """The live (not revoked) token with this id."""
     row = conn.execute(
         f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ? AND revoked_at IS NULL", (token_id,)

@@ -1,15 +1,14 @@
-"""Pipeline verbs on SQLite: create (with all its jobs), read, list, cancel."""
+"""Pipeline verbs: create (with all its jobs), read, list, cancel."""
 
 from __future__ import annotations
-
-import sqlite3
 
 from gateway.errors import AlreadyFinal
 from gateway.models import Page, Pipeline, PipelineSpec, PipelineView
 from gateway.pipelines import PipelineState
 from gateway.states import Trigger
 from gateway.store.base import Minter, PipelineResult, decode_cursor, encode_cursor
-from gateway.store.sqlite.tx import ENCODE, SELECT_PIPELINE, Tx, load_pipeline
+from gateway.store.verbs.connection import Connection
+from gateway.store.verbs.tx import ENCODE, SELECT_PIPELINE, Tx, load_pipeline
 
 
 def create_pipeline(
@@ -18,7 +17,7 @@ def create_pipeline(
     """The pipeline row, then every job in definition order (the caller checked the DAG)."""
     tx.conn.execute(
         "INSERT INTO pipelines (id, name, state, spec, created_at) VALUES (?, ?, ?, ?, ?)",
-        (pipeline_id, spec.name, PipelineState.PENDING.value, ENCODE.encode(spec), tx.now),
+        (pipeline_id, spec.name, PipelineState.PENDING.value, ENCODE.encode(spec).decode(), tx.now),
     )
     if spec.state_webhook_url:
         tx.add_implicit_endpoint(
@@ -38,7 +37,7 @@ def view(tx: Tx, pipeline_id: str) -> PipelineView:
 
 
 def list_pipelines(
-    conn: sqlite3.Connection, *, state: PipelineState | None, limit: int, cursor: str | None
+    conn: Connection, *, state: PipelineState | None, limit: int, cursor: str | None
 ) -> Page[Pipeline]:
     clauses, params = [], []
     if state is not None:
@@ -47,7 +46,7 @@ def list_pipelines(
     if cursor is not None:
         clauses.append("id < ?")
         params.append(decode_cursor(cursor, "p:"))
-    where = " AND ".join(clauses) or "1"
+    where = " AND ".join(clauses) or "1 = 1"
     rows = conn.execute(
         f"{SELECT_PIPELINE} WHERE {where} ORDER BY id DESC LIMIT ?", (*params, limit + 1)
     ).fetchall()

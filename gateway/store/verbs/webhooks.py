@@ -1,10 +1,9 @@
-"""Webhook verbs on SQLite: endpoints, the delivery log, redelivery, and the dispatcher's
+"""Webhook verbs: endpoints, the delivery log, redelivery, and the dispatcher's
 claims (leased, so a dead dispatcher's work is taken over) and attempt records."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,8 @@ from gateway.models import (
     Page,
 )
 from gateway.store.base import AttemptOutcome, decode_cursor, encode_cursor
-from gateway.store.sqlite.tx import Tx
+from gateway.store.verbs.connection import Connection
+from gateway.store.verbs.tx import Tx
 
 _ENDPOINT = (
     "SELECT id, url, events, pipeline_id, owner_job_id, owner_pipeline_id, enabled,"
@@ -64,7 +64,7 @@ def _delivery(row: Sequence[Any], attempts: list[Attempt]) -> Delivery:
     )
 
 
-def _explicit(conn: sqlite3.Connection, endpoint_id: str) -> Endpoint:
+def _explicit(conn: Connection, endpoint_id: str) -> Endpoint:
     row = conn.execute(
         f"{_ENDPOINT} WHERE id = ? AND owner_job_id IS NULL AND owner_pipeline_id IS NULL"
         " AND deleted_at IS NULL",
@@ -85,11 +85,11 @@ def create_endpoint(tx: Tx, endpoint_id: str, spec: EndpointSpec, secret: str) -
     return _explicit(tx.conn, endpoint_id)
 
 
-def get_endpoint(conn: sqlite3.Connection, endpoint_id: str) -> Endpoint:
+def get_endpoint(conn: Connection, endpoint_id: str) -> Endpoint:
     return _explicit(conn, endpoint_id)
 
 
-def list_endpoints(conn: sqlite3.Connection, *, limit: int, cursor: str | None) -> Page[Endpoint]:
+def list_endpoints(conn: Connection, *, limit: int, cursor: str | None) -> Page[Endpoint]:
     after = "" if cursor is None else decode_cursor(cursor, "w:")
     rows = conn.execute(
         f"{_ENDPOINT} WHERE owner_job_id IS NULL AND owner_pipeline_id IS NULL"
@@ -162,7 +162,7 @@ def rotate_secret(tx: Tx, endpoint_id: str, secret: str, old_signs_until: float)
     return _explicit(tx.conn, endpoint_id)
 
 
-def _attempts(conn: sqlite3.Connection, delivery_ids: list[str]) -> dict[str, list[Attempt]]:
+def _attempts(conn: Connection, delivery_ids: list[str]) -> dict[str, list[Attempt]]:
     found: dict[str, list[Attempt]] = {d: [] for d in delivery_ids}
     if not delivery_ids:
         return found
@@ -178,7 +178,7 @@ def _attempts(conn: sqlite3.Connection, delivery_ids: list[str]) -> dict[str, li
 
 
 def list_deliveries(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     endpoint_id: str | None = None,
     job_id: str | None = None,
@@ -236,7 +236,9 @@ def claim_deliveries(
     busy_endpoints: Sequence[str],
 ) -> list[DeliveryClaim]:
     """Lease up to `limit` due deliveries (earliest first), skipping busy endpoints."""
+    # `NOT IN ()` is a syntax error on PostgreSQL: no clause when nothing is busy
     skip = ",".join("?" * len(busy_endpoints))
+    not_busy = f" AND d.endpoint_id NOT IN ({skip})" if busy_endpoints else ""
     rows = tx.conn.execute(
         "SELECT d.id, d.endpoint_id, d.message_id, d.attempts, m.body, e.url, e.secret,"
         " e.previous_secret, e.previous_secret_until, e.owner_job_id, e.owner_pipeline_id"
@@ -244,7 +246,7 @@ def claim_deliveries(
         " JOIN webhook_endpoints AS e ON e.id = d.endpoint_id"
         " WHERE d.state = 'pending' AND d.next_attempt_at <= ?"
         " AND (d.leased_until IS NULL OR d.leased_until < ?)"
-        f" AND d.endpoint_id NOT IN ({skip}) ORDER BY d.next_attempt_at LIMIT ?",
+        f"{not_busy} ORDER BY d.next_attempt_at LIMIT ?{tx.dialect.skip_locked('d')}",
         (tx.now, tx.now, *busy_endpoints, limit),
     ).fetchall()
     claims = []
@@ -280,8 +282,11 @@ def record_attempt(
     """Log the attempt and move the delivery on; a failing endpoint is disabled after
     `disable_after_s` of continuous failure, or at once on 410."""
     tx.conn.execute(
-        "INSERT OR REPLACE INTO webhook_attempts (delivery_id, number, at, status_code,"
-        " duration_ms, error, response_snippet) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO webhook_attempts (delivery_id, number, at, status_code, duration_ms, error,"
+        " response_snippet) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (delivery_id, number)"
+        " DO UPDATE SET at = excluded.at, status_code = excluded.status_code,"
+        " duration_ms = excluded.duration_ms, error = excluded.error,"
+        " response_snippet = excluded.response_snippet",
         (
             claim.delivery_id,
             claim.attempt,
@@ -330,10 +335,11 @@ def record_attempt(
         _disable(tx, claim.endpoint_id, reason)
 
 
-def next_due(conn: sqlite3.Connection) -> float | None:
+def next_due(conn: Connection) -> float | None:
     """When the earliest pending delivery is due (for the dispatcher's sleep)."""
     row = conn.execute(
-        "SELECT min(max(next_attempt_at, COALESCE(leased_until, 0)))"
+        "SELECT min(CASE WHEN leased_until > next_attempt_at THEN leased_until"
+        " ELSE next_attempt_at END)"
         " FROM webhook_deliveries WHERE state = 'pending'"
     ).fetchone()
     return None if row is None else row[0]

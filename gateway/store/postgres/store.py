@@ -1,0 +1,133 @@
+"""The scale-out store: PostgreSQL through an asyncpg pool, shared by several replicas.
+
+The verbs are the ones SQLite runs (`gateway.store.verbs`). Each runs in a worker thread inside
+one READ COMMITTED transaction on a pooled connection, its statements sent by asyncpg on the
+event loop (`bridge.BlockingConnection`). Concurrency control is row-level: every transition is
+compare-and-set (a miss raises ConcurrentChange), claims use `FOR UPDATE SKIP LOCKED`, and a
+pipeline's row is locked while its jobs cascade. A verb that lost a race (a missed
+compare-and-set, a unique key another transaction took first, a serialization failure, a
+deadlock) runs again from the start, a few times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import asyncpg
+
+from gateway.artifacts import ArtifactLinks
+from gateway.errors import ConcurrentChange, StoreError
+from gateway.store.base import Policy
+from gateway.store.postgres.bridge import BlockingConnection
+from gateway.store.postgres.schema import migrate
+from gateway.store.verbs.connection import POSTGRES, Connection
+from gateway.store.verbs.store import VerbStore
+from gateway.store.verbs.tx import Tx
+
+T = TypeVar("T")
+DEFAULT_POOL_SIZE = 10
+MIN_POOL_SIZE = 2
+VERB_ATTEMPTS = 5  # runs of a verb that keeps losing races before its caller sees a 409
+_RACES = (
+    ConcurrentChange,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    # a concurrent insert of the same key won (two retries of one job): run again, see it
+    asyncpg.exceptions.UniqueViolationError,
+)
+
+
+def is_postgres_url(url: str | None) -> bool:
+    return url is not None and url.startswith(("postgresql://", "postgres://"))
+
+
+class PostgresStore(VerbStore):
+    """The store contract on a PostgreSQL database (`dsn`: a `postgresql://` URL)."""
+
+    dialect = POSTGRES
+
+    def __init__(
+        self,
+        dsn: str,
+        policy: Policy | None = None,
+        links: ArtifactLinks | None = None,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        server_settings: dict[str, str] | None = None,
+    ) -> None:
+        """`pool_size`: connections at most (and worker threads running verbs);
+        `server_settings`: session settings of every connection (a test's `search_path`)."""
+        super().__init__(policy, links)
+        self._dsn = dsn
+        self._pool_size = max(pool_size, MIN_POOL_SIZE)
+        self._server_settings = server_settings
+        self._pool: asyncpg.Pool | None = None
+        self._threads: ThreadPoolExecutor | None = None
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=MIN_POOL_SIZE,
+            max_size=self._pool_size,
+            server_settings=self._server_settings,
+        )
+        self._threads = ThreadPoolExecutor(self._pool_size, thread_name_prefix="gateway-pg")
+        try:
+            async with self._pool.acquire() as conn:
+                await migrate(conn)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+            self._threads = None
+
+    def _opened(self) -> tuple[asyncpg.Pool, ThreadPoolExecutor]:
+        if self._pool is None or self._threads is None:
+            raise StoreError("the store is not open")
+        return self._pool, self._threads
+
+    async def _run(self, fn: Callable[[Connection], T]) -> T:
+        """Run the read `fn` in a worker thread on a pooled connection (autocommit: each
+        statement sees what was committed when it started)."""
+        # Shielded: a cancelled caller must not return the connection while the thread still
+        # uses it.
+        return await asyncio.shield(self._read(fn))
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        pool, threads = self._opened()
+        loop = asyncio.get_running_loop()
+        async with pool.acquire() as conn:
+            return await loop.run_in_executor(threads, fn, BlockingConnection(conn, loop))
+
+    async def _transact(self, verb: Callable[[Tx], T], now: float) -> T:
+        """Run `verb` in one transaction; run it again when it lost a race (at most
+        VERB_ATTEMPTS runs, then the last error is raised)."""
+        for attempt in range(1, VERB_ATTEMPTS + 1):
+            try:
+                return await asyncio.shield(self._transact_once(verb, now))
+            except _RACES:
+                if attempt == VERB_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _transact_once(self, verb: Callable[[Tx], T], now: float) -> T:
+        pool, threads = self._opened()
+        loop = asyncio.get_running_loop()
+        async with pool.acquire() as conn, conn.transaction():
+            tx = self._tx(BlockingConnection(conn, loop), now)
+            return await loop.run_in_executor(threads, _run_verb, verb, tx)
+
+
+def _run_verb(verb: Callable[[Tx], T], tx: Tx) -> T:
+    result = verb(tx)
+    tx.finish()
+    return result
