@@ -11,6 +11,7 @@ runs one function at a time, so transactions never interleave
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +30,10 @@ from gateway.store.verbs.tx import Tx
 
 T = TypeVar("T")
 GROUP_COMMIT_MAX = 64  # verbs in one transaction at most
+CHECKPOINT_EVERY_S = 1.0
+# Commits checkpoint only as a fallback (the background checkpointer normally keeps the WAL
+# well below this many pages).
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
 class SQLiteStore(VerbStore):
@@ -46,6 +51,7 @@ class SQLiteStore(VerbStore):
         self._flush_scheduled = False
         self._flushes: set[asyncio.Future[None]] = set()
         self._db: aiosqlite.Connection | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +63,26 @@ class SQLiteStore(VerbStore):
             # A refused open must not leave aiosqlite's (non-daemon) thread behind.
             await self.close()
             raise
+        self._checkpointer = asyncio.create_task(self._checkpoint_wal())
+
+    async def _checkpoint_wal(self) -> None:
+        """Copy the WAL back into the database every second, on a connection of its own.
+        Left to SQLite, the checkpoint runs inside whichever commit crosses the threshold and
+        stalls it (and every callback queued behind it) for tens of milliseconds."""
+        conn = await asyncio.to_thread(_checkpoint_connection, self._path)
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_EVERY_S)
+                await asyncio.to_thread(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -140,6 +164,13 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
 
 
+def _checkpoint_connection(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    configure(conn)
+    return conn
+
+
 def _configure_and_migrate(conn: sqlite3.Connection) -> int:
     configure(conn)
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     return migrate(conn)
