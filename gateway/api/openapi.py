@@ -218,6 +218,21 @@ _WIRE_SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {"items": {"type": "array", "items": _ref("Delivery")}, "next_cursor": _STR},
     },
+    "WebhookEvent": {
+        "type": "object",
+        "description": "the body of a state webhook, and the data of a stream event",
+        "required": ["type", "timestamp", "data"],
+        "properties": {
+            "type": {"type": "string", "description": "job.<state> or pipeline.<state>"},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "data": {
+                "type": "object",
+                "description": "the job or pipeline as GET shows it, with previous_state and"
+                " sequence",
+                "required": ["previous_state", "sequence"],
+            },
+        },
+    },
     "JobState": {"type": "object", "properties": {"state": {"type": "string"}}},
     "TraceSize": {"type": "object", "properties": {"size": {"type": "integer"}}},
     "Artifact": {
@@ -227,6 +242,22 @@ _WIRE_SCHEMAS: dict[str, Any] = {
             "content_type": {"type": "string"},
             "size": {"type": "integer"},
             "sha256": {"type": "string", "description": "hex digest of the bytes"},
+        },
+    },
+}
+
+
+# One event of the stream (OpenAPI 3.1 reads the schema of an event stream per event).
+_STREAM_EVENT = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "description": "a global increasing event id (Last-Event-ID)"},
+        "event": {"type": "string", "description": "the event type, as in the webhook body"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": _ref("WebhookEvent"),
         },
     },
 }
@@ -262,10 +293,20 @@ def _op(
         "security": [{"bearer": []}] if auth else [],
     }
     if body is not None:
-        op["requestBody"] = {"required": body == "JobSpec", **_json(body)}
+        op["requestBody"] = {"required": body not in _OPTIONAL_BODIES, **_json(body)}
     if params:
         op["parameters"] = params
     return op
+
+
+# Bodies that may be left out (an empty body reads as `{}`); every other one is required.
+_OPTIONAL_BODIES = ("ContinueBody", "RunnerSpec", "JobRequest")
+# What `gateway.artifacts.name_problem` accepts (it also refuses `.` and `..`).
+_ARTIFACT_NAME = {
+    "type": "string",
+    "pattern": "^[A-Za-z0-9._-]{1,128}$",
+    "description": "not `.` or `..`",
+}
 
 
 def _path_param(name: str) -> dict[str, Any]:
@@ -429,6 +470,7 @@ def build_openapi() -> dict[str, Any]:
                 (201, "HandOut"),
                 (400, 401, 422),
                 body="JobRequest",
+                no_job=True,
             )
         },
         "/api/v1/runner/jobs/{job_id}": {
@@ -437,7 +479,8 @@ def build_openapi() -> dict[str, Any]:
                 (200, "JobState"),
                 (400, 401, 403, 409, 422),
                 body="JobUpdate",
-                params=[*_JOB, _header("Job-Token")],
+                params=_JOB,
+                job_token=True,
             )
         },
         "/api/v1/runner/jobs/{job_id}/trace": {
@@ -445,7 +488,11 @@ def build_openapi() -> dict[str, Any]:
                 "Append to the trace (Job-Token, Content-Range)",
                 (202, "TraceSize"),
                 (400, 401, 403, 409, 413, 416),
-                params=[*_JOB, _header("Job-Token"), _header("Content-Range")],
+                params=[
+                    *_JOB,
+                    _header("Content-Range", "^(bytes )?[0-9]{1,15}-[0-9]{1,15}$"),
+                ],
+                job_token=True,
             )
         },
         "/api/v1/webhooks": {
@@ -551,6 +598,13 @@ def build_openapi() -> dict[str, Any]:
     paths["/continue/{token}/log"]["post"]["requestBody"] = {
         "content": {"text/plain": {"schema": {"type": "string"}}}
     }
+    paths["/api/v1/runner/jobs/{job_id}/trace"]["patch"]["requestBody"] = {
+        "required": True,
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    paths["/api/v1/events/stream"]["get"]["responses"]["200"]["content"] = {
+        "text/event-stream": {"schema": _STREAM_EVENT}
+    }
     paths.update(_artifact_paths())
     return {
         "openapi": "3.1.0",
@@ -561,6 +615,13 @@ def build_openapi() -> dict[str, Any]:
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "runner": {"type": "http", "scheme": "bearer", "description": "a runner token"},
+                "job": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Job-Token",
+                    "description": "the job token of a hand-out, valid while the job is handed"
+                    " out or running",
+                },
                 "session": {
                     "type": "apiKey",
                     "in": "cookie",
@@ -578,7 +639,7 @@ _BYTES = {"content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}
 
 def _artifact_paths() -> dict[str, Any]:
     """Uploads (the body is the artifact, its `Content-Type` kept) and downloads."""
-    name = [_path_param("name")]
+    name = [{**_path_param("name"), "schema": _ARTIFACT_NAME}]
     by_continue = _op(
         "Upload an artifact (a heartbeat; replaces one of the same name)",
         (201, "Artifact"),
@@ -590,7 +651,8 @@ def _artifact_paths() -> dict[str, Any]:
         "Upload an artifact while the job runs (Job-Token)",
         (201, "Artifact"),
         (401, 403, 409, 413, 422),
-        params=[*_JOB, *name, _header("Job-Token")],
+        params=[*_JOB, *name],
+        job_token=True,
     )
     download = _op(
         "Download an artifact (an attachment with its content type)",
@@ -636,8 +698,9 @@ def _add_scopes(paths: dict[str, Any]) -> None:
                 )
 
 
-def _header(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+def _header(name: str, pattern: str | None = None) -> dict[str, Any]:
+    schema = {"type": "string"} if pattern is None else {"type": "string", "pattern": pattern}
+    return {"name": name, "in": "header", "required": True, "schema": schema}
 
 
 def _runner_op(
@@ -647,10 +710,15 @@ def _runner_op(
     *,
     body: str | None = None,
     params: list[dict[str, Any]] | None = None,
+    job_token: bool = False,
+    no_job: bool = False,
 ) -> dict[str, Any]:
-    """A runner route: its answers carry `Job-Status`; it takes runner or job tokens only."""
+    """A runner route: its answers carry `Job-Status`; it takes a runner token, or the job's
+    token (`job_token`) on the routes about one job."""
     op = _op(summary, ok, errors, body=body, params=params)
-    op["security"] = [{"runner": []}]
+    op["security"] = [{"job": []}] if job_token else [{"runner": []}]
+    if no_job:
+        op["responses"]["204"] = {"description": "no job came within `wait_s`"}
     op["responses"][str(ok[0])]["headers"] = {
         "Job-Status": {"schema": {"type": "string"}, "description": "the job's state"}
     }

@@ -205,3 +205,175 @@ async def test_wrong_method_is_a_405_json_error(
     listed = {name.strip() for name in response.headers["allow"].split(",")}
     assert allowed <= listed
     assert method not in listed
+
+
+# --- what the document says matches what the routes do (found by tests/integration/test_api_fuzz)
+
+
+def _operation(document: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    operation: dict[str, Any] = document["paths"][path][method]
+    return operation
+
+
+async def _runner_and_job(client: httpx.AsyncClient) -> tuple[str, dict[str, Any]]:
+    """A registered runner's token and a job it was handed (still unconfirmed)."""
+    runner = (await client.post("/api/v1/runners", json={})).json()
+    await create_job(client, kind="script", script=["true"])
+    response = await client.post(
+        "/api/v1/runner/jobs/request",
+        json={"wait_s": 0},
+        headers={"Authorization": f"Bearer {runner['token']}"},
+    )
+    assert response.status_code == 201, response.text
+    return runner["token"], response.json()
+
+
+async def test_openapi_documents_the_empty_long_poll(
+    client: httpx.AsyncClient, openapi: dict[str, Any]
+) -> None:
+    """A long poll with nothing to hand out answers 204, and the document lists it."""
+    runner_token, _ = await _runner_and_job(client)
+    response = await client.post(
+        "/api/v1/runner/jobs/request",
+        json={"wait_s": 0},
+        headers={"Authorization": f"Bearer {runner_token}"},
+    )
+    assert response.status_code == 204
+    assert "204" in _operation(openapi, "post", "/api/v1/runner/jobs/request")["responses"]
+
+
+async def test_openapi_job_routes_take_the_job_token_not_a_runner_token(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient, openapi: dict[str, Any]
+) -> None:
+    """The runner's calls about one job are documented as authenticated by `Job-Token` (an
+    apiKey scheme), since a runner token alone is refused there with 401."""
+    runner_token, handout = await _runner_and_job(client)
+    path = f"/api/v1/runner/jobs/{handout['id']}"
+    refused = await anon.put(
+        path, json={"state": "running"}, headers={"Authorization": f"Bearer {runner_token}"}
+    )
+    assert_error_shape(refused, 401, "unauthorized")
+    confirmed = await anon.put(
+        path, json={"state": "running"}, headers={"Job-Token": handout["token"]}
+    )
+    assert confirmed.status_code == 200, confirmed.text
+    assert openapi["components"]["securitySchemes"]["job"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "Job-Token",
+        "description": openapi["components"]["securitySchemes"]["job"]["description"],
+    }
+    for method, job_path in [
+        ("put", "/api/v1/runner/jobs/{job_id}"),
+        ("patch", "/api/v1/runner/jobs/{job_id}/trace"),
+        ("put", "/api/v1/runner/jobs/{job_id}/artifacts/{name}"),
+    ]:
+        assert _operation(openapi, method, job_path)["security"] == [{"job": []}], job_path
+    request = _operation(openapi, "post", "/api/v1/runner/jobs/request")
+    assert request["security"] == [{"runner": []}]
+
+
+async def test_openapi_trace_append_documents_its_body_and_range(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient, openapi: dict[str, Any]
+) -> None:
+    """The trace append documents its (required) text body and the `Content-Range` forms the
+    route accepts; a range outside that pattern is a 400."""
+    operation = _operation(openapi, "patch", "/api/v1/runner/jobs/{job_id}/trace")
+    assert operation["requestBody"]["required"] is True
+    assert "text/plain" in operation["requestBody"]["content"]
+    (content_range,) = [p for p in operation["parameters"] if p["name"] == "Content-Range"]
+    pattern = re.compile(content_range["schema"]["pattern"])
+    for good in ("0-4", "bytes 0-4", "10-19"):
+        assert pattern.fullmatch(good), good
+    for bad in ("0-", "a-b", "bytes=0-4", "0 - 4", "-1-4"):
+        assert not pattern.fullmatch(bad), bad
+
+    _, handout = await _runner_and_job(client)
+    path = f"/api/v1/runner/jobs/{handout['id']}"
+    job_token = {"Job-Token": handout["token"]}
+    assert (await anon.put(path, json={"state": "running"}, headers=job_token)).status_code == 200
+    for good in ("0-4", "bytes 5-9"):
+        response = await anon.patch(
+            f"{path}/trace", content=b"hello", headers={**job_token, "Content-Range": good}
+        )
+        assert response.status_code == 202, response.text
+    response = await anon.patch(
+        f"{path}/trace", content=b"hello", headers={**job_token, "Content-Range": "bytes=10-14"}
+    )
+    assert_error_shape(response, 400, "malformed")
+
+
+async def test_openapi_event_stream_is_documented_as_server_sent_events(
+    openapi: dict[str, Any],
+) -> None:
+    """The event stream is documented as `text/event-stream` (what it serves), each event with
+    its id, type and the webhook body as JSON data."""
+    content = _operation(openapi, "get", "/api/v1/events/stream")["responses"]["200"]["content"]
+    assert list(content) == ["text/event-stream"]
+    event = content["text/event-stream"]["schema"]
+    assert event["required"] == ["id", "event", "data"]
+    data = event["properties"]["data"]
+    assert data["contentMediaType"] == "application/json"
+    assert data["contentSchema"] == {"$ref": "#/components/schemas/WebhookEvent"}
+    body = openapi["components"]["schemas"]["WebhookEvent"]
+    assert body["required"] == ["type", "timestamp", "data"]
+
+
+@pytest.mark.parametrize(
+    ("path", "required"),
+    [
+        ("/api/v1/jobs", True),
+        ("/api/v1/pipelines", True),
+        ("/api/v1/webhooks", True),
+        ("/api/v1/tokens", True),
+        ("/api/v1/runners", False),
+    ],
+)
+async def test_openapi_marks_a_body_required_where_an_empty_one_is_refused(
+    client: httpx.AsyncClient, openapi: dict[str, Any], path: str, required: bool
+) -> None:
+    """A request body the route cannot do without is marked required; an optional one is
+    not (an empty body there reads as `{}`)."""
+    response = await client.post(path, content=b"")
+    if required:
+        assert_error_shape(response, 422, "invalid")
+    else:
+        assert response.status_code == 201, response.text
+    assert _operation(openapi, "post", path)["requestBody"]["required"] is required
+
+
+async def test_openapi_marks_the_webhook_patch_body_required(
+    client: httpx.AsyncClient, openapi: dict[str, Any]
+) -> None:
+    """`PATCH /api/v1/webhooks/{id}` with no body is a 422, and its body is marked required."""
+    hook = (
+        await client.post("/api/v1/webhooks", json={"url": "https://hooks.example.com/in"})
+    ).json()
+    response = await client.patch(f"/api/v1/webhooks/{hook['id']}", content=b"")
+    assert_error_shape(response, 422, "invalid")
+    operation = _operation(openapi, "patch", "/api/v1/webhooks/{webhook_id}")
+    assert operation["requestBody"]["required"] is True
+
+
+async def test_openapi_documents_the_artifact_name_pattern(
+    anon: httpx.AsyncClient, client: httpx.AsyncClient, openapi: dict[str, Any]
+) -> None:
+    """Artifact names in the document carry the pattern the upload routes enforce."""
+    job = await create_job(client)
+    for method, path in [
+        ("put", "/continue/{token}/artifacts/{name}"),
+        ("put", "/api/v1/runner/jobs/{job_id}/artifacts/{name}"),
+        ("get", "/api/v1/jobs/{job_id}/artifacts/{name}"),
+    ]:
+        (name,) = [
+            p for p in _operation(openapi, method, path)["parameters"] if p["name"] == "name"
+        ]
+        pattern = re.compile(name["schema"]["pattern"])
+        for good in ("report.txt", "a", "A-b_c.9", "x" * 128):
+            assert pattern.fullmatch(good), good
+            upload = await anon.put(f"{continue_path(job)}/artifacts/{good}", content=b"1")
+            assert upload.status_code == 201, upload.text
+        for bad in ("", "x" * 129, "a b", "é", "a:b"):
+            assert not pattern.fullmatch(bad), bad
+        upload = await anon.put(f"{continue_path(job)}/artifacts/a%20b", content=b"1")
+        assert_error_shape(upload, 422, "invalid")
