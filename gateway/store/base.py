@@ -382,10 +382,10 @@ class Store(Protocol):
         limit: int,
         lease_s: float,
         server_secret: str,
-        busy_endpoints: list[str],
+        busy_destinations: list[str],
         now: float,
     ) -> list[DeliveryClaim]:
-        """Lease due deliveries, earliest first, skipping `busy_endpoints`."""
+        """Lease due deliveries, earliest first, skipping receivers in `busy_destinations`."""
 
     async def record_attempt(
         self, claim: DeliveryClaim, outcome: AttemptOutcome, disable_after_s: float, now: float

@@ -97,7 +97,7 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._per_endpoint: Tally[str] = Tally()
+        self._per_receiver: Tally[str] = Tally()
         self._client: httpx.AsyncClient | None = None
 
     def wake(self) -> None:
@@ -148,15 +148,17 @@ class Dispatcher:
     async def dispatch_once(self) -> int:
         """Claim what is due and start sending it; return how many attempts started.
 
-        No claim asks for more deliveries than the fullest endpoint not at its cap has room
-        for, so every claimed delivery starts at once (one skipped for its endpoint's cap would
-        wait out its whole lease); claims repeat while they come back full."""
+        The per-endpoint cap counts attempts by receiver (scheme, host and port), so many jobs
+        whose state_webhook_url names one receiver share one cap. No claim asks for more
+        deliveries than the fullest receiver not at its cap has room for, so every claimed
+        delivery starts at once (one skipped for its receiver's cap would wait out its whole
+        lease); claims repeat while they come back full."""
         cap = self._policy.endpoint_concurrency
         started = 0
         while True:
             free = self._policy.concurrency - len(self._in_flight)
-            busy = [e for e, n in self._per_endpoint.items() if n >= cap]
-            room = cap - max((n for n in self._per_endpoint.values() if n < cap), default=0)
+            busy = [e for e, n in self._per_receiver.items() if n >= cap]
+            room = cap - max((n for n in self._per_receiver.values() if n < cap), default=0)
             limit = min(free, room)
             if limit <= 0:
                 return started
@@ -164,13 +166,13 @@ class Dispatcher:
                 limit=limit,
                 lease_s=self._policy.timeout_s + LEASE_MARGIN_S,
                 server_secret=self._policy.server_secret,
-                busy_endpoints=busy,
+                busy_destinations=busy,
                 now=self._clock.now(),
             )
             for claim in claims:
-                if self._per_endpoint[claim.endpoint_id] >= cap:
+                if self._per_receiver[claim.destination] >= cap:
                     continue  # its lease lapses and a later pass takes it
-                self._per_endpoint[claim.endpoint_id] += 1
+                self._per_receiver[claim.destination] += 1
                 task = asyncio.create_task(self._attempt(claim))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
@@ -194,9 +196,9 @@ class Dispatcher:
         except Exception:
             log.exception("delivery_attempt_failed", extra={"delivery_id": claim.delivery_id})
         finally:
-            self._per_endpoint[claim.endpoint_id] -= 1
-            if self._per_endpoint[claim.endpoint_id] <= 0:
-                del self._per_endpoint[claim.endpoint_id]
+            self._per_receiver[claim.destination] -= 1
+            if self._per_receiver[claim.destination] <= 0:
+                del self._per_receiver[claim.destination]
             self._wake.set()
 
     async def _send(self, claim: DeliveryClaim) -> AttemptOutcome:

@@ -60,6 +60,17 @@ def is_allowed(address: IPAddress, allow: Sequence[IPNetwork]) -> bool:
     return not any(address in network for network in _EMBEDDING)
 
 
+def destination(url: str) -> str:
+    """The receiver a URL sends to, `scheme://host:port`: what the per-receiver cap counts."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return url
+    return f"{parts.scheme}://{host}:{port}"
+
+
 def refusal(url: str, allow: Sequence[IPNetwork]) -> str | None:
     """Why a webhook URL is refused as given (a bad scheme, `localhost`, a private literal
     address), or None. Names are checked again, by address, when a delivery connects."""

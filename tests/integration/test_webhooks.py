@@ -487,6 +487,29 @@ async def test_a_hanging_receiver_delays_neither_a_transition_nor_another_endpoi
     await slow.wait_for(lambda got: {r.webhook_id for r in got} == expected)
 
 
+async def test_many_jobs_naming_one_hanging_receiver_share_one_cap(
+    start_gateway: GatewayFactory, receivers: Receivers
+) -> None:
+    """Regression: each job's state_webhook_url is a subscription of its own, but the cap counts
+    by receiver, so eight jobs naming one hanging receiver hold only its two slots and another
+    endpoint still gets every event at once (they used to take every global slot)."""
+    slow = receivers(Reply(200, delay_s=5))
+    fast = receivers()
+    client = await start_gateway(webhook_concurrency=4, webhook_endpoint_concurrency=2)
+    await subscribe(client, fast.url())
+    for n in range(8):
+        await new_job(client, name=f"job-{n}", state_webhook_url=slow.url(f"/job-{n}"))
+    await slow.wait_for(lambda got: len(got) >= 2)
+    before = time.monotonic()
+    extra = await new_job(client, name="extra")
+    got = await fast.wait_for(
+        lambda got: any(r.json()["data"]["id"] == extra["id"] for r in got), within_s=3
+    )
+    assert got[-1].arrived - before < 1.0
+    assert len(slow.received) == 2, "the hanging receiver holds only its own two slots"
+    slow.release()
+
+
 async def test_a_burst_beyond_an_endpoints_cap_is_not_held_back_by_leases(
     start_gateway: GatewayFactory, receivers: Receivers
 ) -> None:

@@ -417,7 +417,7 @@ class VerbStore(ABC):
         limit: int,
         lease_s: float,
         server_secret: str,
-        busy_endpoints: list[str],
+        busy_destinations: list[str],
         now: float,
     ) -> list[DeliveryClaim]:
         return await self._transact(
@@ -426,7 +426,7 @@ class VerbStore(ABC):
                 limit=limit,
                 lease_s=lease_s,
                 server_secret=server_secret,
-                busy_endpoints=busy_endpoints,
+                busy_destinations=busy_destinations,
             ),
             now,
         )

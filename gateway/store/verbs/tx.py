@@ -45,6 +45,7 @@ from gateway.store.base import Changes, Minter, Policy
 from gateway.store.verbs.connection import SQLITE, Connection, Dialect
 from gateway.store.verbs.outbox import EndpointCache, Outbox
 from gateway.tokens import ContinueCredential
+from gateway.webhooks.guard import destination
 
 JOB_COLUMNS = (
     "id, pipeline_id, name, kind, is_async, state, failure_reason, exit_code, message, outputs,"
@@ -404,9 +405,9 @@ class Tx:
         """A job's or pipeline's `state_webhook_url`: a subscription to its own events (and a
         pipeline's jobs' events), signed with its own secret or else the server's."""
         self.conn.execute(
-            "INSERT INTO webhook_endpoints (id, url, events, owner_job_id, owner_pipeline_id,"
-            " secret, created_at) VALUES (?, ?, '[]', ?, ?, ?, ?)",
-            (self.new_id(), url, job_id, pipeline_id, secret, self.now),
+            "INSERT INTO webhook_endpoints (id, url, destination, events, owner_job_id,"
+            " owner_pipeline_id, secret, created_at) VALUES (?, ?, ?, '[]', ?, ?, ?, ?)",
+            (self.new_id(), url, destination(url), job_id, pipeline_id, secret, self.now),
         )
 
     def insert_job(

@@ -20,6 +20,7 @@ from gateway.models import (
 from gateway.store.base import AttemptOutcome, decode_cursor, encode_cursor
 from gateway.store.verbs.connection import Connection
 from gateway.store.verbs.tx import Tx
+from gateway.webhooks.guard import destination
 
 _ENDPOINT = (
     "SELECT id, url, events, pipeline_id, owner_job_id, owner_pipeline_id, enabled,"
@@ -78,9 +79,17 @@ def _explicit(conn: Connection, endpoint_id: str) -> Endpoint:
 def create_endpoint(tx: Tx, endpoint_id: str, spec: EndpointSpec, secret: str) -> Endpoint:
     tx.outbox.endpoints.invalidate()
     tx.conn.execute(
-        "INSERT INTO webhook_endpoints (id, url, events, pipeline_id, secret, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (endpoint_id, spec.url, json.dumps(spec.events), spec.pipeline_id, secret, tx.now),
+        "INSERT INTO webhook_endpoints (id, url, destination, events, pipeline_id, secret,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            endpoint_id,
+            spec.url,
+            destination(spec.url),
+            json.dumps(spec.events),
+            spec.pipeline_id,
+            secret,
+            tx.now,
+        ),
     )
     return _explicit(tx.conn, endpoint_id)
 
@@ -123,7 +132,8 @@ def update_endpoint(tx: Tx, endpoint_id: str, patch: EndpointPatch) -> Endpoint:
     _explicit(tx.conn, endpoint_id)
     if patch.url is not None:
         tx.conn.execute(
-            "UPDATE webhook_endpoints SET url = ? WHERE id = ?", (patch.url, endpoint_id)
+            "UPDATE webhook_endpoints SET url = ?, destination = ? WHERE id = ?",
+            (patch.url, destination(patch.url), endpoint_id),
         )
     if patch.events is not None:
         tx.conn.execute(
@@ -233,21 +243,22 @@ def claim_deliveries(
     limit: int,
     lease_s: float,
     server_secret: str,
-    busy_endpoints: Sequence[str],
+    busy_destinations: Sequence[str],
 ) -> list[DeliveryClaim]:
-    """Lease up to `limit` due deliveries (earliest first), skipping busy endpoints."""
+    """Lease up to `limit` due deliveries (earliest first), skipping busy receivers."""
     # `NOT IN ()` is a syntax error on PostgreSQL: no clause when nothing is busy
-    skip = ",".join("?" * len(busy_endpoints))
-    not_busy = f" AND d.endpoint_id NOT IN ({skip})" if busy_endpoints else ""
+    skip = ",".join("?" * len(busy_destinations))
+    not_busy = f" AND e.destination NOT IN ({skip})" if busy_destinations else ""
     rows = tx.conn.execute(
         "SELECT d.id, d.endpoint_id, d.message_id, d.attempts, m.body, e.url, e.secret,"
-        " e.previous_secret, e.previous_secret_until, e.owner_job_id, e.owner_pipeline_id"
+        " e.previous_secret, e.previous_secret_until, e.owner_job_id, e.owner_pipeline_id,"
+        " e.destination"
         " FROM webhook_deliveries AS d JOIN webhook_messages AS m ON m.id = d.message_id"
         " JOIN webhook_endpoints AS e ON e.id = d.endpoint_id"
         " WHERE d.state = 'pending' AND d.next_attempt_at <= ?"
         " AND (d.leased_until IS NULL OR d.leased_until < ?)"
         f"{not_busy} ORDER BY d.next_attempt_at LIMIT ?{tx.dialect.skip_locked('d')}",
-        (tx.now, tx.now, *busy_endpoints, limit),
+        (tx.now, tx.now, *busy_destinations, limit),
     ).fetchall()
     claims = []
     for row in rows:
@@ -271,6 +282,7 @@ def claim_deliveries(
                 body=body,
                 secrets=tuple(secrets),
                 attempt=attempts + 1,
+                destination=row[11] or url,
             )
         )
     return claims
