@@ -26,6 +26,8 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/callbacks.py
+	$(BIN)/python bench/dispatch.py
+	$(BIN)/python bench/webhooks.py
 
 clean:
 	rm -rf $(VENV) gateway-data .pytest_cache .mypy_cache .ruff_cache
