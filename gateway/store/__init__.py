@@ -5,7 +5,6 @@ from __future__ import annotations
 from gateway.artifacts import ArtifactLinks
 from gateway.config import Settings
 from gateway.store.base import Policy, Store
-from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
 
 
@@ -19,8 +18,11 @@ def open_store(settings: Settings, links: ArtifactLinks | None = None) -> Store:
         inline_bytes=settings.webhook_inline_bytes,
     )
     if settings.postgres_dsn is not None:
+        # Imported here: asyncpg costs a few MB of memory a SQLite gateway does not need.
+        from gateway.store.postgres import PostgresStore
+
         return PostgresStore(settings.postgres_dsn, policy, links, pool_size=settings.db_pool_size)
     return SQLiteStore(settings.sqlite_path, policy, links)
 
 
-__all__ = ["Policy", "PostgresStore", "SQLiteStore", "Store", "open_store"]
+__all__ = ["Policy", "SQLiteStore", "Store", "open_store"]
