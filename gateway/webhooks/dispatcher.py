@@ -148,7 +148,7 @@ class Dispatcher:
     async def dispatch_once(self) -> int:
         """Claim what is due and start sending it; return how many attempts started.
 
-        The per-endpoint cap counts attempts by receiver (scheme, host and port), so many jobs
+        The per-endpoint cap counts attempts by receiver (its URL, query aside), so many jobs
         whose state_webhook_url names one receiver share one cap. No claim asks for more
         deliveries than the fullest receiver not at its cap has room for, so every claimed
         delivery starts at once (one skipped for its receiver's cap would wait out its whole

@@ -61,14 +61,16 @@ def is_allowed(address: IPAddress, allow: Sequence[IPNetwork]) -> bool:
 
 
 def destination(url: str) -> str:
-    """The receiver a URL sends to, `scheme://host:port`: what the per-receiver cap counts."""
+    """The receiver a URL names, `scheme://host:port/path` (the query aside): what the
+    per-endpoint cap counts, so every job whose `state_webhook_url` names one receiver shares
+    its cap, while two paths on one server stay two endpoints."""
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = (parts.hostname or "").lower()
     except ValueError:
         return url
-    return f"{parts.scheme}://{host}:{port}"
+    return f"{parts.scheme}://{host}:{port}{parts.path or '/'}"
 
 
 def refusal(url: str, allow: Sequence[IPNetwork]) -> str | None:

@@ -491,14 +491,15 @@ async def test_many_jobs_naming_one_hanging_receiver_share_one_cap(
     start_gateway: GatewayFactory, receivers: Receivers
 ) -> None:
     """Regression: each job's state_webhook_url is a subscription of its own, but the cap counts
-    by receiver, so eight jobs naming one hanging receiver hold only its two slots and another
-    endpoint still gets every event at once (they used to take every global slot)."""
+    by receiver (its URL, query aside), so eight jobs naming one hanging receiver hold only its
+    two slots and another endpoint still gets every event at once (they used to take every
+    global slot)."""
     slow = receivers(Reply(200, delay_s=5))
     fast = receivers()
     client = await start_gateway(webhook_concurrency=4, webhook_endpoint_concurrency=2)
     await subscribe(client, fast.url())
     for n in range(8):
-        await new_job(client, name=f"job-{n}", state_webhook_url=slow.url(f"/job-{n}"))
+        await new_job(client, name=f"job-{n}", state_webhook_url=slow.url(f"/hook?job={n}"))
     await slow.wait_for(lambda got: len(got) >= 2)
     before = time.monotonic()
     extra = await new_job(client, name="extra")
