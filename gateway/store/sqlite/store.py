@@ -15,6 +15,7 @@ import contextlib
 import sqlite3
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,14 +69,20 @@ class SQLiteStore(VerbStore):
     async def _checkpoint_wal(self) -> None:
         """Copy the WAL back into the database every second, on a connection of its own.
         Left to SQLite, the checkpoint runs inside whichever commit crosses the threshold and
-        stalls it (and every callback queued behind it) for tens of milliseconds."""
-        conn = await asyncio.to_thread(_checkpoint_connection, self._path)
+        stalls it (and every callback queued behind it) for tens of milliseconds.
+
+        The connection lives on one thread of its own: opening, checkpoints and closing queue
+        up there, so a cancel can never close it under a running checkpoint."""
+        loop = asyncio.get_running_loop()
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-checkpoint")
+        conn = await loop.run_in_executor(thread, _checkpoint_connection, self._path)
         try:
             while True:
                 await asyncio.sleep(CHECKPOINT_EVERY_S)
-                await asyncio.to_thread(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+                await loop.run_in_executor(thread, _checkpoint, conn)
         finally:
-            conn.close()
+            thread.submit(conn.close)
+            thread.shutdown(wait=False)
 
     async def close(self) -> None:
         if self._checkpointer is not None:
@@ -162,6 +169,10 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
     else:
         future.set_exception(error)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def _checkpoint_connection(path: Path) -> sqlite3.Connection:
