@@ -66,7 +66,9 @@ class Sweeper:
                 if event.cause == "deadline" and event.failure_reason is not None:
                     self._metrics.expired.labels(event.failure_reason.value).inc()
             expired += sweep.fired
-            if sweep.fired < self._batch_size:
+            # A requeued hand-out may have another deadline already due (its queue timeout):
+            # it fires in the next pass, not a sweep later, when a runner might take the job.
+            if sweep.fired < self._batch_size and not sweep.changes.requeued:
                 break
         self._metrics.sweeper_lag.set(lag)
         if expired:

@@ -135,14 +135,25 @@ def _hand_out(
     if job.pipeline_id is not None:
         pipeline, _ = tx.pipeline(job.pipeline_id)
         pipeline_variables = dict(pipeline.spec.variables)
-        latest = {lj.job.name: lj.job for lj in tx.latest_jobs(pipeline)}
-        needs_outputs = [latest[name].outputs or {} for name in job.needs if name in latest]
+        needs_outputs = [_released_outputs(tx, job.pipeline_id, name) for name in job.needs]
     return HandOut(
         job=handed.job,
         continue_token=continue_token,
         pipeline_variables=pipeline_variables,
         needs_outputs=needs_outputs,
     )
+
+
+def _released_outputs(tx: Tx, pipeline_id: str, name: str) -> dict[str, str]:
+    """The outputs of the latest attempt of the need `name` that succeeded: the one that made
+    this job pending (the need may have been retried since, its new attempt not yet done)."""
+    row = tx.conn.execute(
+        "SELECT outputs FROM jobs WHERE pipeline_id = ? AND name = ? AND state = 'success'"
+        " ORDER BY attempt DESC LIMIT 1",
+        (pipeline_id, name),
+    ).fetchone()
+    outputs: dict[str, str] = {} if row is None or row[0] is None else json.loads(row[0])
+    return outputs
 
 
 def _job_for_runner(tx: Tx, job_id: str, job_token_hash: bytes) -> Loaded:
