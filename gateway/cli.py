@@ -145,6 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
     info = app.state.startup
     print(f"gateway {__version__} listening on http://{settings.host}:{settings.port}", flush=True)
     print(f"continue URLs start with {settings.base_url}/continue/", flush=True)
+    print(f"dashboard at {settings.base_url}/ (sign in with an API token)", flush=True)
     if info.admin_token_path is not None:
         created = " (new)" if info.admin_token_created else ""
         print(
