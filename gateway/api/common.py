@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -16,10 +16,11 @@ from gateway.clock import Clock
 from gateway.config import Settings
 from gateway.errors import MalformedRequest, PayloadTooLarge
 from gateway.metrics import Metrics
-from gateway.models import IdGenerator, Principal
+from gateway.models import IdGenerator, Page, Principal
 from gateway.store.base import Changes, Store
 from gateway.tokens import ContinueTokens
 
+T = TypeVar("T")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
@@ -127,6 +128,11 @@ def query_int(request: Request, name: str, default: int, *, low: int, high: int)
 
 def query_limit(request: Request) -> int:
     return query_int(request, "limit", DEFAULT_LIMIT, low=1, high=MAX_LIMIT)
+
+
+def page_response(page: Page[T], to_wire: Callable[[T], dict[str, Any]]) -> JSONResponse:
+    """A list answer: `{"items": [...], "next_cursor": ...}`."""
+    return json({"items": [to_wire(item) for item in page.items], "next_cursor": page.next_cursor})
 
 
 def json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:

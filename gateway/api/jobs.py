@@ -10,7 +10,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from gateway.api.common import Context, authenticated, json, query_int, query_limit, read_body
+from gateway.api.common import (
+    Context,
+    authenticated,
+    json,
+    page_response,
+    query_int,
+    query_limit,
+    read_body,
+)
 from gateway.api.webhooks import check_subscription
 from gateway.errors import MalformedRequest, NotFound
 from gateway.masking import mask_all
@@ -74,9 +82,7 @@ async def list_jobs(request: Request) -> Response:
         limit=query_limit(request),
         cursor=request.query_params.get("cursor"),
     )
-    return json(
-        {"items": [job_to_wire(job) for job in page.items], "next_cursor": page.next_cursor}
-    )
+    return page_response(page, job_to_wire)
 
 
 async def cancel_job(request: Request) -> Response:
@@ -148,7 +154,7 @@ async def list_events(request: Request) -> Response:
         limit=query_limit(request),
         cursor=request.query_params.get("cursor"),
     )
-    return json({"items": [event_to_wire(e) for e in page.items], "next_cursor": page.next_cursor})
+    return page_response(page, event_to_wire)
 
 
 routes = [

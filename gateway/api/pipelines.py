@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api.common import Context, authenticated, json, query_limit, read_body
+from gateway.api.common import Context, authenticated, json, page_response, query_limit, read_body
 from gateway.api.jobs import with_url
 from gateway.api.webhooks import check_subscription
 from gateway.errors import InvalidField, MalformedRequest, NotFound
@@ -76,9 +76,7 @@ async def list_pipelines(request: Request) -> Response:
     page = await ctx.store.list_pipelines(
         state=state, limit=query_limit(request), cursor=request.query_params.get("cursor")
     )
-    return json(
-        {"items": [pipeline_to_wire(p) for p in page.items], "next_cursor": page.next_cursor}
-    )
+    return page_response(page, pipeline_to_wire)
 
 
 async def cancel_pipeline(request: Request) -> Response:

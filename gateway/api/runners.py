@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api.common import authenticated, json, query_limit, read_body
+from gateway.api.common import authenticated, json, page_response, query_limit, read_body
 from gateway.models import RunnerSpec, decode_body, runner_to_wire
 from gateway.tokens import new_runner_token, token_hash
 
@@ -25,7 +25,7 @@ async def list_runners(request: Request) -> Response:
     page = await ctx.store.list_runners(
         limit=query_limit(request), cursor=request.query_params.get("cursor")
     )
-    return json({"items": [runner_to_wire(r) for r in page.items], "next_cursor": page.next_cursor})
+    return page_response(page, runner_to_wire)
 
 
 async def revoke_runner(request: Request) -> Response:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api.common import authenticated, json, query_limit, read_body
+from gateway.api.common import authenticated, json, page_response, query_limit, read_body
 from gateway.models import NAME_PATTERN, api_token_to_wire, decode_body
 from gateway.tokens import new_api_token, token_hash
 
@@ -40,9 +40,7 @@ async def list_tokens(request: Request) -> Response:
     page = await ctx.store.list_api_tokens(
         limit=query_limit(request), cursor=request.query_params.get("cursor")
     )
-    return json(
-        {"items": [api_token_to_wire(t) for t in page.items], "next_cursor": page.next_cursor}
-    )
+    return page_response(page, api_token_to_wire)
 
 
 async def revoke_token(request: Request) -> Response:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api.common import Context, authenticated, json, query_limit, read_body
+from gateway.api.common import Context, authenticated, json, page_response, query_limit, read_body
 from gateway.errors import InvalidField
 from gateway.models import (
     EndpointPatch,
     EndpointSpec,
-    Page,
     decode_body,
     delivery_to_wire,
     endpoint_to_wire,
@@ -75,7 +73,7 @@ async def list_webhooks(request: Request) -> Response:
     page = await ctx.store.list_endpoints(
         limit=query_limit(request), cursor=request.query_params.get("cursor")
     )
-    return _page(page, endpoint_to_wire)
+    return page_response(page, endpoint_to_wire)
 
 
 async def get_webhook(request: Request) -> Response:
@@ -122,7 +120,7 @@ async def webhook_deliveries(request: Request) -> Response:
         limit=query_limit(request),
         cursor=request.query_params.get("cursor"),
     )
-    return _page(page, delivery_to_wire)
+    return page_response(page, delivery_to_wire)
 
 
 async def job_deliveries(request: Request) -> Response:
@@ -132,7 +130,7 @@ async def job_deliveries(request: Request) -> Response:
         limit=query_limit(request),
         cursor=request.query_params.get("cursor"),
     )
-    return _page(page, delivery_to_wire)
+    return page_response(page, delivery_to_wire)
 
 
 async def redeliver(request: Request) -> Response:
@@ -140,10 +138,6 @@ async def redeliver(request: Request) -> Response:
     delivery = await ctx.store.redeliver(request.path_params["delivery_id"], ctx.clock.now())
     ctx.deliveries_committed()
     return json(delivery_to_wire(delivery), 202)
-
-
-def _page(page: Page[T], to_wire: Callable[[T], dict[str, Any]]) -> Response:
-    return json({"items": [to_wire(item) for item in page.items], "next_cursor": page.next_cursor})
 
 
 routes = [
