@@ -9,16 +9,16 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.processes import job_processes, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -27,16 +27,6 @@ pytestmark = [
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "provision"
 DEADLINE_S = 20.0
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout_s: float = DEADLINE_S) -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling with a deadline, not synchronisation by sleep
-    return value
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -46,24 +36,6 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def gateway(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway", *args]
-
-
-def job_processes(job_id: str) -> list[int]:
-    """Live processes whose environment says they run `job_id` (a runner's script and its
-    children get `CI_JOB_ID`)."""
-    marker = f"CI_JOB_ID={job_id}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if marker in environ.split(b"\0") and state not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
 
 
 class Processes:

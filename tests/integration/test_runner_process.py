@@ -12,11 +12,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from tests.conftest import ServerProcess, start_server
+from tests.processes import job_processes, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,33 +26,6 @@ pytestmark = [
 
 HEARTBEAT_TIMEOUT_S = 2
 DEADLINE_S = 15.0
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout_s: float = DEADLINE_S) -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling with a deadline, not synchronisation by sleep
-    return value
-
-
-def job_processes(job_id: str) -> list[int]:
-    """Live processes whose environment says they run `job_id` (the script and its children)."""
-    marker = f"CI_JOB_ID={job_id}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if marker in environ.split(b"\0") and state not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
 
 
 def kill_job_processes(job_id: str) -> None:
