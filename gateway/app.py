@@ -191,6 +191,7 @@ def create_app(
         ),
     )
     ctx.deliveries_committed = dispatcher.wake
+    store.subscribe(ctx.wake)
     if run_dispatcher is None:
         run_dispatcher = run_sweeper
 

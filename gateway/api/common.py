@@ -17,7 +17,7 @@ from gateway.config import Settings
 from gateway.errors import MalformedRequest, PayloadTooLarge
 from gateway.metrics import Metrics
 from gateway.models import IdGenerator, Page, Principal
-from gateway.store.base import Changes, Store
+from gateway.store.base import Changes, Signal, Store
 from gateway.tokens import ContinueTokens
 
 T = TypeVar("T")
@@ -45,15 +45,25 @@ class Context:
         return f"{self.settings.base_url}/continue/{token}"
 
     def publish(self, changes: Changes) -> None:
-        """Tell the rest of the process what a store verb recorded: metrics, runners waiting
-        in a long poll when a job became pending, the webhook dispatcher when deliveries were
-        queued."""
+        """Tell the rest of the process, and the other replicas, what a store verb recorded:
+        metrics, runners waiting in a long poll when a job became pending, the webhook
+        dispatcher when deliveries were queued, event streams when events were logged."""
         self.metrics.record(changes.events)
-        if changes.makes_jobs_pending:
+        self.signal(changes.signals)
+
+    def signal(self, signals: frozenset[Signal]) -> None:
+        """Wake this process's waiters for `signals` and tell the other replicas."""
+        if signals:
+            self.wake(signals)
+            self.store.announce(signals)
+
+    def wake(self, signals: frozenset[Signal]) -> None:
+        """Wake this process's waiters for what a commit here or in another replica changed."""
+        if Signal.PENDING in signals:
             self.wakeup.notify()
-        if changes.deliveries:
+        if Signal.DELIVERIES in signals:
             self.deliveries_committed()
-        if changes.logged:
+        if Signal.EVENTS in signals:
             self.events.notify()
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from gateway.models import (
     delivery_to_wire,
     endpoint_to_wire,
 )
+from gateway.store.base import Signal
 from gateway.webhooks import signing
 from gateway.webhooks.events import check_patterns
 from gateway.webhooks.guard import refusal
@@ -136,7 +137,7 @@ async def job_deliveries(request: Request) -> Response:
 async def redeliver(request: Request) -> Response:
     ctx, _ = await authenticated(request)
     delivery = await ctx.store.redeliver(request.path_params["delivery_id"], ctx.clock.now())
-    ctx.deliveries_committed()
+    ctx.signal(frozenset({Signal.DELIVERIES}))
     return json(delivery_to_wire(delivery), 202)
 
 

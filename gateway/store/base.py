@@ -53,6 +53,14 @@ from gateway.states import FailureReason, State, Trigger
 from gateway.tokens import ContinueCredential
 
 
+class Signal(StrEnum):
+    """What a commit may have changed for processes waiting on the database."""
+
+    PENDING = "pending"  # a job became pending: long polls look again
+    DELIVERIES = "deliveries"  # webhook deliveries were queued: the dispatcher looks again
+    EVENTS = "events"  # events were logged: event streams read on
+
+
 class ContinueOutcome(StrEnum):
     APPLIED = "applied"  # this call finished the job
     REPLAYED = "replayed"  # an exact repeat of the call that finished it
@@ -89,6 +97,18 @@ class Changes:
     def makes_jobs_pending(self) -> bool:
         """Whether runners waiting for work should look again."""
         return self.requeued > 0 or any(e.state is State.PENDING for e in self.events)
+
+    @property
+    def signals(self) -> frozenset[Signal]:
+        """Who should look at the database again now that this is committed."""
+        signals = set()
+        if self.makes_jobs_pending:
+            signals.add(Signal.PENDING)
+        if self.deliveries:
+            signals.add(Signal.DELIVERIES)
+        if self.logged:
+            signals.add(Signal.EVENTS)
+        return frozenset(signals)
 
 
 @dataclass(frozen=True)
@@ -182,6 +202,14 @@ class Store(Protocol):
         """Connect and migrate; raises StoreError for a schema newer than this code."""
 
     async def close(self) -> None: ...
+
+    def subscribe(self, on_signals: Callable[[frozenset[Signal]], None]) -> None:
+        """Before `open`: have `on_signals` called with what other processes sharing the
+        database announce (never called when none can share it)."""
+
+    def announce(self, signals: frozenset[Signal]) -> None:
+        """Tell the other processes sharing the database what a commit changed (best effort,
+        never blocks; a no-op when none can share it)."""
 
     async def ping(self) -> None:
         """Raise when the database cannot answer."""

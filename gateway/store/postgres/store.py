@@ -20,8 +20,9 @@ import asyncpg
 
 from gateway.artifacts import ArtifactLinks
 from gateway.errors import ConcurrentChange, StoreError
-from gateway.store.base import Policy
+from gateway.store.base import Policy, Signal
 from gateway.store.postgres.bridge import BlockingConnection
+from gateway.store.postgres.notify import Notifier
 from gateway.store.postgres.schema import migrate
 from gateway.store.verbs.connection import POSTGRES, Connection
 from gateway.store.verbs.store import VerbStore
@@ -66,6 +67,20 @@ class PostgresStore(VerbStore):
         self._server_settings = server_settings
         self._pool: asyncpg.Pool | None = None
         self._threads: ThreadPoolExecutor | None = None
+        self._on_signals: Callable[[frozenset[Signal]], None] = lambda signals: None
+        self._notifier: Notifier | None = None
+
+    def subscribe(self, on_signals: Callable[[frozenset[Signal]], None]) -> None:
+        self._on_signals = on_signals
+
+    def announce(self, signals: frozenset[Signal]) -> None:
+        if self._notifier is not None:
+            self._notifier.announce(signals)
+
+    @property
+    def notifier(self) -> Notifier | None:
+        """The LISTEN/NOTIFY connection's keeper while the store is open."""
+        return self._notifier
 
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
@@ -81,8 +96,16 @@ class PostgresStore(VerbStore):
         except BaseException:
             await self.close()
             raise
+        self._notifier = Notifier(
+            lambda: asyncpg.connect(self._dsn, server_settings=self._server_settings),
+            self._on_signals,
+        )
+        self._notifier.start()
 
     async def close(self) -> None:
+        if self._notifier is not None:
+            await self._notifier.stop()
+            self._notifier = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

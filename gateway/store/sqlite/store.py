@@ -23,7 +23,7 @@ import aiosqlite
 
 from gateway.artifacts import ArtifactLinks
 from gateway.errors import StoreError
-from gateway.store.base import Policy
+from gateway.store.base import Policy, Signal
 from gateway.store.sqlite.schema import configure, migrate
 from gateway.store.verbs.connection import SQLITE, Connection
 from gateway.store.verbs.store import VerbStore
@@ -93,6 +93,12 @@ class SQLiteStore(VerbStore):
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+    def subscribe(self, on_signals: Callable[[frozenset[Signal]], None]) -> None:
+        """One process owns an embedded database: nothing to hear."""
+
+    def announce(self, signals: frozenset[Signal]) -> None:
+        """One process owns an embedded database: nothing to tell."""
 
     async def _run(self, fn: Callable[[Connection], T]) -> T:
         """Run `fn` on the connection thread: one hop, whatever it does."""

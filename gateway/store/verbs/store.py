@@ -43,6 +43,7 @@ from gateway.store.base import (
     PipelineResult,
     Policy,
     Pruned,
+    Signal,
     Sweep,
     TraceAppend,
     Transition,
@@ -83,6 +84,12 @@ class VerbStore(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    @abstractmethod
+    def subscribe(self, on_signals: Callable[[frozenset[Signal]], None]) -> None: ...
+
+    @abstractmethod
+    def announce(self, signals: frozenset[Signal]) -> None: ...
 
     @abstractmethod
     async def _run(self, fn: Callable[[Connection], T]) -> T:
