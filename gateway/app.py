@@ -199,7 +199,12 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             await store.open()
-            await store.claim_secret_fingerprint(key_fingerprint(secret_key.value))
+            await store.claim_secret_fingerprints(
+                {
+                    "GATEWAY_SECRET_KEY": key_fingerprint(secret_key.value),
+                    "GATEWAY_WEBHOOK_SECRET": key_fingerprint(webhook_secret.value),
+                }
+            )
             await store.ensure_api_token(
                 "admin", token_hash(admin_token.value), "admin", clock.now()
             )

@@ -45,9 +45,10 @@ def new_job_token() -> str:
     return JOB_TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def key_fingerprint(secret_key: str) -> str:
-    """What the database keeps of the secret key: enough to notice a replica with another key."""
-    return hashlib.sha256(b"gateway.key-fingerprint|" + secret_key.encode()).hexdigest()[:32]
+def key_fingerprint(secret: str) -> str:
+    """What the database keeps of a secret (the secret key, the webhook secret): enough to
+    notice a replica started with another one."""
+    return hashlib.sha256(b"gateway.key-fingerprint|" + secret.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

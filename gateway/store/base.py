@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -214,8 +214,9 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise when the database cannot answer."""
 
-    async def claim_secret_fingerprint(self, fingerprint: str) -> None:
-        """Remember the secret key's fingerprint; StoreError if another key was used before."""
+    async def claim_secret_fingerprints(self, fingerprints: Mapping[str, str]) -> None:
+        """Remember the fingerprint of each secret (by the variable that sets it); StoreError
+        when one differs from what this database was used with before."""
 
     async def ensure_api_token(self, name: str, token_hash: bytes, scope: str, now: float) -> None:
         """Store a bearer token's hash under `name` (replacing an older one of that name)."""

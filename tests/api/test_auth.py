@@ -223,15 +223,20 @@ async def test_generated_secret_key_is_kept_0600_and_not_in_the_database(
     assert key.encode() not in _database_bytes(settings)
 
 
-async def test_a_different_secret_key_against_the_same_database_refuses_to_start(
-    app: Starlette, settings: Settings, clock: ManualClock
+@pytest.mark.parametrize(
+    ("field", "variable"),
+    [("secret_key", "GATEWAY_SECRET_KEY"), ("webhook_secret", "GATEWAY_WEBHOOK_SECRET")],
+)
+async def test_a_different_secret_against_the_same_database_refuses_to_start(
+    app: Starlette, settings: Settings, clock: ManualClock, field: str, variable: str
 ) -> None:
-    """Starting with another GATEWAY_SECRET_KEY on a database used with the first key fails
-    with StoreError, leaving no database thread behind; the original key still starts."""
-    other = dataclasses.replace(settings, secret_key="another-secret-key-0123456789abcdef")
+    """Starting with another GATEWAY_SECRET_KEY or GATEWAY_WEBHOOK_SECRET on a database used
+    with the first fails with StoreError naming it, leaving no database thread behind; the
+    original secrets still start."""
+    other = dataclasses.replace(settings, **{field: "another-secret-0123456789abcdef"})
     stranger = create_app(other, clock=clock, run_sweeper=False)
     threads_before = set(threading.enumerate())
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=variable):
         async with stranger.router.lifespan_context(stranger):
             pass
     for thread in set(threading.enumerate()) - threads_before:

@@ -5,7 +5,7 @@ through `_run`. A backend supplies those two, `open`, `close` and its `Dialect`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from gateway.artifacts import ArtifactLinks, ArtifactUpload
@@ -122,21 +122,21 @@ class VerbStore(ABC):
 
     # -- server ----------------------------------------------------------------------------
 
-    async def claim_secret_fingerprint(self, fingerprint: str) -> None:
+    async def claim_secret_fingerprints(self, fingerprints: Mapping[str, str]) -> None:
         def claim(tx: Tx) -> None:
-            tx.conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('secret_key_fingerprint', ?)"
-                " ON CONFLICT (key) DO NOTHING",
-                (fingerprint,),
-            )
-            stored = tx.conn.execute(
-                "SELECT value FROM meta WHERE key = 'secret_key_fingerprint'"
-            ).fetchone()[0]
-            if stored != fingerprint:
-                raise StoreError(
-                    "GATEWAY_SECRET_KEY differs from the key this database was used with;"
-                    " every continue URL would break. Use the original key."
+            for variable, fingerprint in fingerprints.items():
+                key = variable.removeprefix("GATEWAY_").lower() + "_fingerprint"
+                tx.conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                    (key, fingerprint),
                 )
+                stored = tx.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+                if stored[0] != fingerprint:
+                    raise StoreError(
+                        f"{variable} differs from the one this database was used with (every"
+                        " replica must use the same, and what was signed with the first would"
+                        " no longer verify); start with the original"
+                    )
 
         await self._transact(claim, 0.0)
 
