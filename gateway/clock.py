@@ -14,8 +14,14 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    """The host's clock, shifted by `offset_s`: replicas sharing a database follow the
+    database's clock (`create_app` keeps the offset), so they judge deadlines alike."""
+
+    def __init__(self, offset_s: float = 0.0) -> None:
+        self.offset_s = offset_s
+
     def now(self) -> float:
-        return time.time()
+        return time.time() + self.offset_s
 
 
 class ManualClock:

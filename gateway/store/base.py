@@ -214,6 +214,10 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise when the database cannot answer."""
 
+    async def clock_offset(self) -> float:
+        """Seconds by which the database's clock is ahead of this host's (0.0 for an embedded
+        database, whose clock is the host's)."""
+
     async def claim_secret_fingerprints(self, fingerprints: Mapping[str, str]) -> None:
         """Remember the fingerprint of each secret (by the variable that sets it); StoreError
         when one differs from what this database was used with before."""

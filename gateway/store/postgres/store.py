@@ -12,6 +12,7 @@ deadlock) runs again from the start, a few times.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -101,6 +102,14 @@ class PostgresStore(VerbStore):
             self._on_signals,
         )
         self._notifier.start()
+
+    async def clock_offset(self) -> float:
+        pool, _ = self._opened()
+        async with pool.acquire() as conn:
+            sent = time.time()
+            database = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())")
+            received = time.time()
+        return float(database) - (sent + received) / 2
 
     async def close(self) -> None:
         if self._notifier is not None:

@@ -100,6 +100,9 @@ class SQLiteStore(VerbStore):
     def announce(self, signals: frozenset[Signal]) -> None:
         """One process owns an embedded database: nothing to tell."""
 
+    async def clock_offset(self) -> float:
+        return 0.0
+
     async def _run(self, fn: Callable[[Connection], T]) -> T:
         """Run `fn` on the connection thread: one hop, whatever it does."""
         if self._db is None:

@@ -92,6 +92,9 @@ class VerbStore(ABC):
     def announce(self, signals: frozenset[Signal]) -> None: ...
 
     @abstractmethod
+    async def clock_offset(self) -> float: ...
+
+    @abstractmethod
     async def _run(self, fn: Callable[[Connection], T]) -> T:
         """Run the read `fn` on a connection and return what it returns."""
 
