@@ -24,7 +24,7 @@ from gateway import __version__, runner
 from gateway.api.common import Context
 from gateway.client import DEFAULT_URL, MissingToken, api_token, gateway_url
 from gateway.config import Settings
-from gateway.errors import ConfigError, StoreError
+from gateway.errors import ConfigError, StoreError, TransferRefused
 
 CLIENT_TIMEOUT_S = 30.0
 CONTINUE_ATTEMPTS = 5
@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR, ./gateway-data)")
     migrate.add_argument("--db", help="sqlite:///path or postgresql://... (GATEWAY_DB)")
     migrate.set_defaults(run=_migrate)
+
+    export = commands.add_parser("export", help="write the whole database to a file (stop first)")
+    export.add_argument("file", help="JSON Lines file to write (- for stdout, .gz compresses)")
+    import_ = commands.add_parser("import", help="load an export into a new, empty database")
+    import_.add_argument("file", help="a `gateway export` file (- for stdin)")
+    for sub, run in ((export, _export), (import_, _import)):
+        sub.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR, ./gateway-data)")
+        sub.add_argument("--db", help="sqlite:///path or postgresql://... (GATEWAY_DB)")
+        sub.set_defaults(run=run)
 
     job = commands.add_parser("job", help="create and inspect jobs").add_subparsers(title="job")
     create = job.add_parser("create", help="create a job; prints it (with continue_url)")
@@ -188,6 +197,43 @@ def _migrate(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     print("the database schema is up to date", flush=True)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """`gateway export FILE`; a refusal exits 2 (see gateway/transfer.py)."""
+    from gateway import transfer
+
+    settings = Settings.from_env(data_dir=args.data_dir, db=args.db)
+    try:
+        summary = transfer.export_file(settings, args.file)
+    except TransferRefused as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    where = sys.stderr if args.file == transfer.STDIO else sys.stdout
+    print(
+        f"exported {summary.total} rows of {summary.store} schema version"
+        f" {summary.schema_version} to {args.file}",
+        file=where,
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """`gateway import FILE`; a refusal exits 2 and changes nothing."""
+    from gateway import transfer
+
+    settings = Settings.from_env(data_dir=args.data_dir, db=args.db)
+    try:
+        summary = transfer.import_file(settings, args.file)
+    except TransferRefused as exc:
+        print(f"gateway: {exc}; nothing was imported", file=sys.stderr)
+        return 2
+    print(
+        f"imported {summary.total} rows (schema version {summary.schema_version}) into"
+        f" {summary.store}; start it with the GATEWAY_SECRET_KEY of the exported gateway",
+        flush=True,
+    )
     return 0
 
 

@@ -18,6 +18,7 @@
     │       ├── NotLatestAttempt       409 not_latest_attempt (retry of a retried job)
     │       └── ConcurrentChange       409 conflict (a compare-and-set missed; stores retry)
     └── StoreError             the store cannot serve (schema newer than code, key mismatch)
+        └── TransferRefused        `gateway export`/`import` refused (non-empty target, versions)
 
 HTTP statuses live in one table in `gateway.app`; error messages never carry a token or secret.
 """
@@ -52,6 +53,13 @@ class ConfigError(GatewayError):
 
 class StoreError(GatewayError):
     code = "store"
+
+
+class TransferRefused(StoreError):
+    """`gateway import` (or `export`) will not run: the target is not empty, the schema versions
+    differ, or the file is not a whole gateway export. Nothing was changed."""
+
+    code = "transfer_refused"
 
 
 class RequestError(GatewayError):
