@@ -41,9 +41,7 @@ import multiprocessing
 import os
 import re
 import secrets
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,12 +51,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (
+    ADMIN_TOKEN,
+    ROOT,
+    HarnessError,
+    Server,
+    describe_checkout,
+    percentile,
+    running,
+    start_gateway,
+    start_server,
+)
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SECRET_KEY = "bench-secret-key-0123456789abcdef0123456789"
-ADMIN_TOKEN = "gw_bench-admin-token-0123456789abcdef"
 JOB_BODY = {"name": "bench-deploy"}
 CALLBACK_BODY = {
     "message": "deployed",
@@ -67,10 +74,8 @@ CALLBACK_BODY = {
         "ENV_URL": "https://x.y",
     },
 }
-START_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 30.0
 LOAD_TIMEOUT_S = 600.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 GOAL_RATIO = 0.6
 GOAL_P99_MS = 30.0
@@ -241,105 +246,14 @@ class LoadGenerator:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-    start_s: float
-
-    @property
-    def host_header(self) -> str:
-        return urlsplit(self.url).netloc
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the server process (all its threads) so far."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def memory_kb(self) -> dict[str, int]:
-        found = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                found[name] = int(value.split()[0])
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-def _start(command: list[str], log_path: Path, env: dict[str, str]) -> Server:
-    """Start a server, read its `listening on URL` line and poll /readyz, both with a deadline."""
-    import httpx
-
-    started = time.perf_counter()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    url = None
-    while url is None:
-        match = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
-        if match:
-            url = match.group(1)
-        elif proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise BenchError(f"{command[1]} did not start:\n{log_path.read_text()}")
-        else:
-            time.sleep(0.02)  # polling with a deadline
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise BenchError(f"{url} never became ready:\n{log_path.read_text()}")
-        time.sleep(0.02)
-    return Server(proc, url, log_path, time.perf_counter() - started)
-
-
-def start_gateway(data_dir: Path) -> Server:
-    env = {
-        **os.environ,
-        "GATEWAY_SECRET_KEY": SECRET_KEY,
-        "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
-    }
-    command = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
-    command += ["--data-dir", str(data_dir)]
-    return _start(command, data_dir.parent / f"{data_dir.name}-serve.log", env)
-
-
 def start_raw(db_path: Path) -> Server:
     command = [sys.executable, str(ROOT / "bench" / "raw_ceiling_app.py"), "--db", str(db_path)]
-    return _start(command, db_path.with_suffix(".log"), dict(os.environ))
-
-
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[Server]:
-    try:
-        yield server
-    finally:
-        server.stop()
+    return start_server(command, db_path.with_suffix(".log"))
 
 
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 @dataclass
@@ -780,21 +694,6 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-def describe_checkout() -> str:
-    """The commit measured, and whether the work tree differs from it."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "(not a git checkout)"
-    return commit
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, help="callbacks measured (default 20000; quick 2000)")
@@ -834,7 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench_hot_path(work, loadgen, results)
             bench_memory(work, loadgen, results)
             bench_sweep(work, results)
-    except BenchError as exc:
+    except (BenchError, HarnessError) as exc:
         print(f"bench/callbacks.py: CHECK FAILED: {exc}", file=sys.stderr)
         return 1
     finally:

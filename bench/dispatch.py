@@ -40,9 +40,7 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,14 +54,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (
+    ADMIN_TOKEN,
+    ROOT,
+    Gateway,
+    HarnessError,
+    describe_checkout,
+    end_process,
+    percentile,
+    running,
+    start_gateway,
+)
 
-SECRET_KEY = "bench-secret-key-0123456789abcdef0123456789"
-ADMIN_TOKEN = "gw_bench-admin-token-0123456789abcdef"
-START_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 30.0
 PHASE_TIMEOUT_S = 600.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 LONG_POLL_S = 60
 WAKE_PAUSE_S = (0.05, 0.10)  # after all runners are back in their long poll, before a job
 POLL_SLEEP_S = 5  # the polling job's `sleep`
@@ -365,73 +369,18 @@ class RunnerClients:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the process (all its threads) so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-def start_gateway(data_dir: Path) -> Process:
-    """`gateway serve` on a free loopback port; waits (with a deadline) for /readyz."""
-    import httpx
-
-    env = {**os.environ, "GATEWAY_SECRET_KEY": SECRET_KEY, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
-    command = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
-    command += ["--data-dir", str(data_dir)]
-    log_path = data_dir.parent / f"{data_dir.name}-serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    server = Process(proc, log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not server.url:
-        match = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
-        if match:
-            server.url = match.group(1)
-        elif proc.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise BenchError(f"gateway serve did not start:\n{log_path.read_text()}")
-        else:
-            time.sleep(0.02)  # polling with a deadline
-    while True:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        if proc.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise BenchError(f"{server.url} never became ready:\n{log_path.read_text()}")
-        time.sleep(0.02)
-
-
-def start_reference_runner(url: str, token: str, log_path: Path, concurrency: int) -> Process:
+@contextlib.contextmanager
+def reference_runner(url: str, token: str, log_path: Path, concurrency: int) -> Iterator[None]:
+    """`gateway runner` against `url` for the duration of the block (SIGTERM at its end)."""
     env = {**os.environ, "GATEWAY_RUNNER_TOKEN": token}
     command = [sys.executable, "-m", "gateway", "runner", "--url", url]
     command += ["--concurrency", str(concurrency)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return Process(proc, log_path, url)
-
-
-@contextlib.contextmanager
-def running(process: Process) -> Iterator[Process]:
     try:
-        yield process
+        yield
     finally:
-        process.stop()
+        end_process(proc, graceful=True)
 
 
 def api(url: str) -> Any:
@@ -561,12 +510,6 @@ def hand_over_command() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 def epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
@@ -595,7 +538,7 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
 
-def bench_hand_outs(gateway: Process, clients: RunnerClients, results: Results) -> None:
+def bench_hand_outs(gateway: Gateway, clients: RunnerClients, results: Results) -> None:
     url, jobs, runners = gateway.url, results.jobs, results.runners
     print(f"[1] hand-outs: {jobs} pending script jobs, {runners} runner clients ...")
     token = register_runner(url, "bench hand-outs")
@@ -661,7 +604,7 @@ def bench_runner_seconds(url: str, work: Path, results: Results) -> None:
     common = {"kind": "script", "callback_timeout_s": int(wait_s) + 300}
     variables = {"EXTERNAL_URL": external.url, "DONE_FILE": str(done_file)}
     try:
-        with running(start_reference_runner(url, token, work / "runner.log", 2)), api(url) as http:
+        with reference_runner(url, token, work / "runner.log", 2), api(url) as http:
             created = {}
             for name, script, is_async in (
                 ("async-wait", async_script(hand_over), True),
@@ -788,20 +731,6 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-def describe_checkout() -> str:
-    """The commit measured, and whether the work tree differs from it."""
-    try:
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "(not a git checkout)"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runners", type=int, default=8, help="runner clients R (8)")
@@ -831,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench_hand_outs(gateway, clients, results)
                 bench_wakeups(gateway.url, clients, results)
                 bench_runner_seconds(gateway.url, work, results)
-    except BenchError as exc:
+    except (BenchError, HarnessError) as exc:
         print(f"bench/dispatch.py: CHECK FAILED: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -36,10 +36,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
+S = TypeVar("S", bound="Server")
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -123,10 +124,14 @@ def _log_tail(path: Path, offset: int = 0) -> str:
     return text[-LOG_TAIL_CHARS:]
 
 
-def _end(process: subprocess.Popen[bytes], graceful: bool) -> None:
-    """SIGTERM and wait (when `graceful`), then SIGKILL; always reaped on return."""
+def end_process(
+    process: subprocess.Popen[bytes], graceful: bool, *, signalled: bool = False
+) -> None:
+    """SIGTERM (unless `signalled` already: a second one would cut uvicorn's graceful shutdown
+    short) and wait with a deadline when `graceful`, then SIGKILL; always reaped on return."""
     if process.poll() is None and graceful:
-        process.send_signal(signal.SIGTERM)
+        if not signalled:
+            process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=STOP_TIMEOUT_S)
     if process.poll() is None:
@@ -164,7 +169,7 @@ def start_process(
     name = " ".join(Path(part).name for part in command[1:4])
 
     def fail(why: str) -> HarnessError:
-        _end(process, graceful=False)
+        end_process(process, graceful=False)
         return HarnessError(f"{why}; its log:\n{_log_tail(log_path, offset)}")
 
     url = None
@@ -197,15 +202,15 @@ def start_process(
 
 
 @dataclass
-class Gateway:
-    """One `gateway serve` subprocess. A context manager: `stop()` on exit."""
+class Server:
+    """One server subprocess on loopback (a gateway, a raw ceiling app). A context manager:
+    `stop()` on exit."""
 
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
-    data_dir: Path
     start_s: float = 0.0
-    """Seconds from the start of the process to its first 200 on /readyz."""
+    """Seconds from the start of the process until it was ready."""
 
     @property
     def pid(self) -> int:
@@ -237,13 +242,13 @@ class Gateway:
 
     def kill(self) -> None:
         """SIGKILL (no shutdown at all: a crash) and reap."""
-        _end(self.process, graceful=False)
+        end_process(self.process, graceful=False)
 
     def stop(self) -> None:
         """SIGTERM and wait for the graceful shutdown; SIGKILL after a deadline."""
-        _end(self.process, graceful=True)
+        end_process(self.process, graceful=True)
 
-    def __enter__(self) -> Gateway:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -253,6 +258,33 @@ class Gateway:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@dataclass
+class Gateway(Server):
+    """One `gateway serve` subprocess."""
+
+    data_dir: Path | None = None
+
+
+def start_server(
+    command: Sequence[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    ready_path: str | None = "/readyz",
+    timeout_s: float = START_TIMEOUT_S,
+) -> Server:
+    """`start_process` as a Server (env: this environment without `GATEWAY_*` by default)."""
+    started = time.perf_counter()
+    process, url = start_process(
+        command,
+        log_path,
+        _clean_environ() if env is None else env,
+        ready_path=ready_path,
+        timeout_s=timeout_s,
+    )
+    return Server(url, process, log_path, time.perf_counter() - started)
 
 
 def gateway_environ(
@@ -316,16 +348,16 @@ def start_gateway(
     command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", "0"]
     started = time.perf_counter()
     process, url = start_process(command, log_path, environ, timeout_s=timeout_s)
-    return Gateway(url, process, log_path, data_dir, time.perf_counter() - started)
+    return Gateway(url, process, log_path, time.perf_counter() - started, data_dir)
 
 
 @contextlib.contextmanager
-def running(gateway: Gateway) -> Iterator[Gateway]:
+def running(server: S) -> Iterator[S]:
     """`with running(start_gateway(...)) as gateway:` stops it on the way out."""
     try:
-        yield gateway
+        yield server
     finally:
-        gateway.stop()
+        server.stop()
 
 
 def with_host(url: str, base_url: str) -> str:
@@ -424,7 +456,7 @@ class Cluster:
             if gateway.alive():
                 gateway.process.send_signal(signal.SIGTERM)
         for gateway in self.gateways:
-            gateway.stop()
+            end_process(gateway.process, graceful=True, signalled=True)
 
     def __enter__(self) -> Cluster:
         self.start()
@@ -546,7 +578,7 @@ class Receiver:
 
     def stop(self) -> None:
         if self.process is not None:
-            _end(self.process, graceful=True)
+            end_process(self.process, graceful=True)
 
     def __enter__(self) -> Receiver:
         return self
