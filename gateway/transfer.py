@@ -618,8 +618,8 @@ async def _import_rows(db: Database, lines: Iterator[str], summary: Summary) -> 
 # -- files -----------------------------------------------------------------------------------
 
 
-def _open_text(path: str, mode: str) -> IO[str]:
-    if path.endswith(".gz"):
+def _open_text(path: str, mode: str, *, compressed: bool) -> IO[str]:
+    if compressed:
         return gzip.open(path, mode + "t", encoding="utf-8")  # type: ignore[return-value]
     return open(path, mode, encoding="utf-8")
 
@@ -641,7 +641,7 @@ def export_file(settings: Settings, path: str) -> Summary:
         return summary
     partial = f"{path}.partial"
     try:
-        with _open_text(partial, "w") as out:
+        with _open_text(partial, "w", compressed=path.endswith(".gz")) as out:
             summary = asyncio.run(run(out))
         os.replace(partial, path)
     except BaseException:
@@ -657,7 +657,7 @@ def import_file(settings: Settings, path: str) -> Summary:
     if path == STDIO:
         return _import_stream(settings, sys.stdin)
     try:
-        source = _open_text(path, "r")
+        source = _open_text(path, "r", compressed=path.endswith(".gz"))
     except OSError as exc:
         raise TransferRefused(f"cannot read {path}: {exc.strerror}") from None
     with source:
