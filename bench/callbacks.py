@@ -1,15 +1,16 @@
 """Benchmark of the callback hot path, memory with many parked jobs, and the deadline sweep.
 
 Run: `.venv/bin/python bench/callbacks.py [--jobs N] [--clients C] [--quick] [--json PATH]
-[--pin]`.
+[--pin] [--db postgresql://... [--replicas N]]`.
 Everything is measured in one run and summarised in a table at the end:
 
 1. Hot path through the real gateway: a `gateway serve` subprocess; N external jobs parked
    through `POST /api/v1/jobs` (C concurrent clients; timed too), then one terminal callback
    per job (`POST /continue/{token}` with a small JSON body) from C concurrent keep-alive
    connections. Any non-200 is an error; every job must end `success`.
-2. Raw ceiling: `bench/raw_ceiling_app.py` (bare Starlette, plain sqlite3 in the endpoint) on N
-   pre-inserted rows, same uvicorn setup, same load generator, same C. Ratio = gateway / raw.
+2. Raw ceiling: `bench/raw_ceiling_app.py` (bare Starlette, plain sqlite3 (or plain asyncpg)
+   in the endpoint) on N pre-inserted rows, same uvicorn setup, same load generator, same C.
+   Ratio = gateway / raw.
    Both servers run side by side and the measured callbacks go in 4 alternating rounds
    (gateway, raw, gateway, ...), so a slow spell of the shared machine hits both sides.
 3. RSS of `gateway serve` on a database holding 1M parked jobs (100k with --quick), bulk
@@ -17,6 +18,15 @@ Everything is measured in one run and summarised in a table at the end:
    callbacks on other jobs (VmRSS and VmHWM from /proc).
 4. The real store's sweep (`Sweeper.sweep_once` on `SQLiteStore`, ManualClock) over 100k jobs
    whose deadline has passed, beside 100k that are not due.
+
+With `--db postgresql://...` (a server: each run creates fresh databases on it and drops them
+after) the gateway and the raw ceiling both run on PostgreSQL, each on a database of its own,
+and the server CPU figures come with PostgreSQL's CPU per callback beside them (all `postgres`
+processes of this machine). `--replicas N` runs N gateway replicas on the database and N raw
+apps, and the load generator spreads its connections over a side's servers round-robin (a
+continue URL works on every replica). Phase 3 is SQLite's only (on PostgreSQL the parked jobs
+live in the server): the VmRSS of every replica after the hot path is reported instead. Phase 4
+runs `Sweeper.sweep_once` on `PostgresStore` over jobs bulk-inserted with one INSERT ... SELECT.
 
 The load generator runs in its own process (asyncio + uvloop, a minimal HTTP/1.1 keep-alive
 client over raw sockets, so its CPU cost per request stays small); it only ever talks to
@@ -54,10 +64,15 @@ from urllib.parse import urlsplit
 from harness import (
     ADMIN_TOKEN,
     ROOT,
+    Cluster,
     HarnessError,
     Server,
     describe_checkout,
+    is_postgres_url,
     percentile,
+    postgres_cpu_s,
+    postgres_database,
+    run_async,
     running,
     start_gateway,
     start_server,
@@ -154,8 +169,9 @@ def build_request(
 
 
 async def _drive(
-    host: str, port: int, requests: Sequence[bytes], clients: int, keep_bodies: bool
+    targets: Sequence[tuple[str, int]], requests: Sequence[bytes], clients: int, keep_bodies: bool
 ) -> LoadResult:
+    """Fire `requests` from `clients` keep-alive connections, client k on `targets[k % n]`."""
     loop = asyncio.get_running_loop()
     count = len(requests)
     statuses = [0] * count
@@ -164,18 +180,18 @@ async def _drive(
     next_index = iter(range(count))
     give_up_at = time.monotonic() + LOAD_TIMEOUT_S
 
-    async def connect() -> tuple[asyncio.Transport, _Connection]:
+    async def connect(host: str, port: int) -> tuple[asyncio.Transport, _Connection]:
         transport, protocol = await loop.create_connection(_Connection, host, port)
         return transport, protocol  # type: ignore[return-value]
 
-    async def client() -> None:
-        transport, protocol = await connect()
+    async def client(host: str, port: int) -> None:
+        transport, protocol = await connect(host, port)
         try:
             for index in next_index:
                 if time.monotonic() > give_up_at:
                     break
                 if transport.is_closing():
-                    transport, protocol = await connect()
+                    transport, protocol = await connect(host, port)
                 waiter: asyncio.Future[tuple[int, bytes, bool]] = loop.create_future()
                 protocol.waiter = waiter
                 started = time.perf_counter()
@@ -197,13 +213,13 @@ async def _drive(
 
     cpu_before = time.process_time()
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(min(clients, count))))
+    await asyncio.gather(*(client(*targets[k % len(targets)]) for k in range(min(clients, count))))
     wall = time.perf_counter() - started
     return LoadResult(wall, statuses, latencies, bodies, time.process_time() - cpu_before)
 
 
 def _load_in_child(
-    host: str, port: int, requests: Sequence[bytes], clients: int, keep_bodies: bool
+    targets: Sequence[tuple[str, int]], requests: Sequence[bytes], clients: int, keep_bodies: bool
 ) -> LoadResult:
     try:
         import uvloop
@@ -212,11 +228,12 @@ def _load_in_child(
     except ImportError:
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_drive(host, port, requests, clients, keep_bodies))
+        return runner.run(_drive(targets, requests, clients, keep_bodies))
 
 
 class LoadGenerator:
-    """A separate process that fires prepared requests at a server on loopback."""
+    """A separate process that fires prepared requests at servers on loopback (its connections
+    spread over them round-robin)."""
 
     def __init__(self, cpus: set[int] | None = None) -> None:
         self._pool = concurrent.futures.ProcessPoolExecutor(
@@ -227,14 +244,20 @@ class LoadGenerator:
         )
 
     def run(
-        self, url: str, requests: Sequence[bytes], clients: int, *, keep_bodies: bool = False
+        self,
+        servers: Sequence[Server],
+        requests: Sequence[bytes],
+        clients: int,
+        *,
+        keep_bodies: bool = False,
     ) -> LoadResult:
-        parts = urlsplit(url)
-        assert parts.hostname in ("127.0.0.1", "localhost", "::1"), "loopback only"
-        assert parts.port is not None
-        future = self._pool.submit(
-            _load_in_child, parts.hostname, parts.port, list(requests), clients, keep_bodies
-        )
+        targets = []
+        for server in servers:
+            parts = urlsplit(server.url)
+            assert parts.hostname in ("127.0.0.1", "localhost", "::1"), "loopback only"
+            assert parts.port is not None
+            targets.append((parts.hostname, parts.port))
+        future = self._pool.submit(_load_in_child, targets, list(requests), clients, keep_bodies)
         return future.result(timeout=LOAD_TIMEOUT_S + 60)
 
     def close(self) -> None:
@@ -246,9 +269,24 @@ class LoadGenerator:
 # --------------------------------------------------------------------------------------------
 
 
-def start_raw(db_path: Path) -> Server:
-    command = [sys.executable, str(ROOT / "bench" / "raw_ceiling_app.py"), "--db", str(db_path)]
-    return start_server(command, db_path.with_suffix(".log"))
+def start_raw(db: str, log_path: Path) -> Server:
+    """The raw ceiling app on `db` (a SQLite file or a PostgreSQL URL)."""
+    command = [sys.executable, str(ROOT / "bench" / "raw_ceiling_app.py"), "--db", db]
+    return start_server(command, log_path)
+
+
+@dataclass
+class Side:
+    """The servers that answer one side's callbacks (replicas of a gateway, or raw apps), and
+    whether the database side's CPU (PostgreSQL's processes) counts too."""
+
+    servers: list[Server]
+    postgres: bool
+
+    def cpu_s(self) -> tuple[float, float]:
+        """(CPU seconds of the servers, of PostgreSQL) so far."""
+        servers = sum(server.cpu_s() for server in self.servers)
+        return servers, postgres_cpu_s() if self.postgres else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,9 +305,12 @@ class HotPath:
     errors: int
     server_cpu_ms_per_req: float
     client_cpu_share: float
+    postgres_cpu_ms_per_req: float = 0.0
 
     @classmethod
-    def of(cls, label: str, result: LoadResult, server_cpu_s: float) -> HotPath:
+    def of(
+        cls, label: str, result: LoadResult, server_cpu_s: float, postgres_cpu_s: float = 0.0
+    ) -> HotPath:
         ordered = sorted(result.latencies_s)
         count = len(result.statuses)
         return cls(
@@ -282,6 +323,7 @@ class HotPath:
             errors=sum(1 for status in result.statuses if status != 200),
             server_cpu_ms_per_req=server_cpu_s * 1000 / count,
             client_cpu_share=result.client_cpu_s / result.wall_s,
+            postgres_cpu_ms_per_req=postgres_cpu_s * 1000 / count,
         )
 
     def line(self) -> str:
@@ -289,7 +331,12 @@ class HotPath:
             f"  {self.label}: {self.requests} callbacks, {self.per_s:,.0f}/s, p50"
             f" {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms, max {self.max_ms:.1f} ms,"
             f" errors {self.errors}; server CPU {self.server_cpu_ms_per_req:.3f} ms/callback,"
-            f" load generator CPU {self.client_cpu_share:.0%} of a core"
+            + (
+                f" PostgreSQL CPU {self.postgres_cpu_ms_per_req:.3f} ms/callback,"
+                if self.postgres_cpu_ms_per_req
+                else ""
+            )
+            + f" load generator CPU {self.client_cpu_share:.0%} of a core"
         )
 
 
@@ -298,12 +345,15 @@ class Results:
     jobs: int
     clients: int
     parked: int
+    store: str = "sqlite"
+    replicas: int = 1
     pinned: bool = False
     create_per_s: float = 0.0
     create_p99_ms: float = 0.0
     gateway: HotPath | None = None
     raw: HotPath | None = None
     gateway_rss_after_load_mb: float = 0.0
+    replica_rss_mb: list[float] = field(default_factory=list)
     rss_idle_mb: float = 0.0
     rss_mb: float = 0.0
     hwm_mb: float = 0.0
@@ -388,12 +438,12 @@ def gateway_db(data_dir: Path) -> Path:
     return data_dir / "gateway.sqlite3"
 
 
-def make_template(data_dir: Path) -> str:
-    """Start the gateway once on a fresh data dir (it migrates), park one job through the API,
-    stop it. Returns the job's id."""
+def make_template(data_dir: Path, db: str | None = None) -> str:
+    """Start the gateway once on a fresh data dir or database (it migrates), park one job
+    through the API, stop it. Returns the job's id."""
     import httpx
 
-    with running(start_gateway(data_dir)) as server:
+    with running(start_gateway(data_dir, db=db)) as server:
         response = httpx.post(
             f"{server.url}/api/v1/jobs",
             json=JOB_BODY,
@@ -407,20 +457,72 @@ def make_template(data_dir: Path) -> str:
     return job_id
 
 
+async def postgres_bulk_park(
+    dsn: str, template_id: str, count: int, *, prefix: str, due_at: float | None = None
+) -> None:
+    """`bulk_park` on PostgreSQL: one INSERT ... SELECT of the template row over
+    generate_series, with fresh ids (prefix + 10 digits), token nonces and token hashes."""
+    import asyncpg
+
+    assert len(prefix) == 16
+    conn = await asyncpg.connect(dsn)
+    try:
+        columns = [
+            row["column_name"]
+            for row in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'"
+                " AND table_schema = current_schema() ORDER BY ordinal_position"
+            )
+        ]
+        fail_if(
+            await conn.fetchval("SELECT count(*) FROM jobs WHERE id = $1", template_id) != 1,
+            f"template job {template_id} is missing",
+        )
+        made = {
+            "id": "$2::text || lpad(g::text, 10, '0')",
+            "token_nonce": "decode(md5(random()::text || g::text), 'hex')",
+            "token_hash": "sha256(convert_to($2::text || random()::text || g::text, 'UTF8'))",
+        }
+        arguments: list[Any] = [template_id, prefix, count]
+        if due_at is not None:
+            made["callback_deadline_at"] = made["deadline_at"] = "$4::float8 + g * 1e-6"
+            arguments.append(due_at)
+        select = ", ".join(made.get(name, f't."{name}"') for name in columns)
+        names = ", ".join(f'"{name}"' for name in columns)
+        await conn.execute(
+            f"INSERT INTO jobs ({names}) SELECT {select} FROM jobs t"
+            " CROSS JOIN generate_series(0, $3::int - 1) g WHERE t.id = $1",
+            *arguments,
+        )
+        await conn.execute("ANALYZE jobs")
+    finally:
+        await conn.close()
+
+
+async def postgres_count(dsn: str, sql: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Phases
 # --------------------------------------------------------------------------------------------
 
 
 def create_jobs(
-    server: Server, loadgen: LoadGenerator, count: int, clients: int
+    servers: Sequence[Server], loadgen: LoadGenerator, count: int, clients: int
 ) -> tuple[list[str], list[str], LoadResult]:
-    """Park `count` external jobs through the API; returns their ids, continue paths and the
-    load result of the creation."""
+    """Park `count` external jobs through the API (the connections spread over `servers`);
+    returns their ids, continue paths and the load result of the creation."""
     body = json.dumps(JOB_BODY).encode()
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    request = build_request("POST", server.host_header, "/api/v1/jobs", body, auth)
-    result = loadgen.run(server.url, [request] * count, clients, keep_bodies=True)
+    request = build_request("POST", servers[0].host_header, "/api/v1/jobs", body, auth)
+    result = loadgen.run(servers, [request] * count, clients, keep_bodies=True)
     bad = [s for s in result.statuses if s != 201]
     fail_if(bool(bad), f"{len(bad)} job creations failed (statuses {sorted(set(bad))})")
     assert result.bodies is not None
@@ -430,18 +532,21 @@ def create_jobs(
 
 
 def fire_callbacks(
-    server: Server, loadgen: LoadGenerator, paths: Sequence[str], clients: int
-) -> tuple[LoadResult, float]:
+    side: Side, loadgen: LoadGenerator, paths: Sequence[str], clients: int
+) -> tuple[LoadResult, float, float]:
+    """One callback per path, the connections spread over the side's servers (a continue URL
+    works on every replica); the result, and the CPU seconds its servers and PostgreSQL used."""
     body = json.dumps(CALLBACK_BODY).encode()
-    requests = [build_request("POST", server.host_header, path, body) for path in paths]
-    cpu_before = server.cpu_s()
-    result = loadgen.run(server.url, requests, clients, keep_bodies=True)
-    cpu = server.cpu_s() - cpu_before
+    host = side.servers[0].host_header
+    requests = [build_request("POST", host, path, body) for path in paths]
+    server_before, postgres_before = side.cpu_s()
+    result = loadgen.run(side.servers, requests, clients, keep_bodies=True)
+    server_after, postgres_after = side.cpu_s()
     assert result.bodies is not None
     for status, raw in zip(result.statuses, result.bodies, strict=True):
         if status == 200 and json.loads(raw)["state"] != "success":
             raise BenchError(f"a callback answered 200 with {raw!r}")
-    return result, cpu
+    return result, server_after - server_before, postgres_after - postgres_before
 
 
 def count_jobs_by_api(server: Server, state: str) -> set[str]:
@@ -486,11 +591,11 @@ def merge(results: Sequence[LoadResult]) -> LoadResult:
 
 
 def park_on_gateway(
-    server: Server, loadgen: LoadGenerator, results: Results
+    servers: Sequence[Server], loadgen: LoadGenerator, results: Results
 ) -> tuple[list[str], list[str]]:
     """Park warm-up + measured jobs through the API; the creation rate is a figure too."""
     ids, paths, created = create_jobs(
-        server, loadgen, warmup_count(results.jobs) + results.jobs, results.clients
+        servers, loadgen, warmup_count(results.jobs) + results.jobs, results.clients
     )
     results.create_per_s = len(ids) / created.wall_s
     results.create_p99_ms = percentile(sorted(created.latencies_s), 0.99) * 1000
@@ -501,60 +606,90 @@ def park_on_gateway(
     return ids, paths
 
 
-def park_on_raw(db_path: Path, results: Results) -> list[str]:
-    """A raw-ceiling database with warm-up + measured parked rows; returns their paths."""
+def park_on_raw(db: str, results: Results) -> list[str]:
+    """A raw-ceiling database (a SQLite file, or an empty PostgreSQL database) with warm-up +
+    measured parked rows; returns their paths."""
     import raw_ceiling_app
 
     count = warmup_count(results.jobs) + results.jobs
     tokens = [secrets.token_urlsafe(32) for _ in range(count)]
-    ids = filler_ids("01KB0000000RAW00", count)
-    raw_ceiling_app.create_db(db_path, zip(ids, tokens, strict=True), time.time() + 86_400)
+    jobs = list(zip(filler_ids("01KB0000000RAW00", count), tokens, strict=True))
+    deadline_at = time.time() + 86_400
+    if is_postgres_url(db):
+        run_async(lambda: raw_ceiling_app.create_postgres_db(db, jobs, deadline_at))
+    else:
+        raw_ceiling_app.create_db(Path(db), jobs, deadline_at)
     return [f"/continue/{token}" for token in tokens]
 
 
-def bench_hot_path(work: Path, loadgen: LoadGenerator, results: Results) -> None:
-    """Phases 1 and 2. Both servers run side by side (the idle one costs nothing) and the
+def count_raw(db: str, sql: str) -> int:
+    if is_postgres_url(db):
+        return run_async(lambda: postgres_count(db, sql))
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute(sql).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def bench_hot_path(
+    work: Path, loadgen: LoadGenerator, results: Results, server_dsn: str | None
+) -> None:
+    """Phases 1 and 2. Both sides run side by side (the idle one costs nothing) and the
     measured callbacks are fired in alternating rounds, gateway then raw, so a slow spell of
-    this shared machine hits both sides instead of skewing the ratio."""
-    jobs, clients, rounds = results.jobs, results.clients, ROUNDS
+    this shared machine hits both sides instead of skewing the ratio. With `server_dsn` each
+    side gets a fresh PostgreSQL database on that server, and with N replicas the raw side runs
+    N raw apps too; the load generator spreads its connections over a side's servers."""
+    jobs, clients, rounds, replicas = results.jobs, results.clients, ROUNDS, results.replicas
     warm = warmup_count(jobs)
-    print(f"[1+2] hot path: {warm} warm-up + {jobs} measured callbacks on the gateway and on")
-    print(f"  the raw ceiling app, {clients} clients, in {rounds} alternating rounds ...")
-    raw_db = work / "raw.sqlite3"
+    where = f"{results.store} x{replicas}"
+    print(f"[1+2] hot path ({where}): {warm} warm-up + {jobs} measured callbacks on the gateway")
+    print(f"  and on the raw ceiling app, {clients} clients, in {rounds} alternating rounds ...")
+    postgres = server_dsn is not None
     with contextlib.ExitStack() as stack:
-        gateway = stack.enter_context(running(start_gateway(work / "hot")))
-        ids, gateway_paths = park_on_gateway(gateway, loadgen, results)
+        if server_dsn is not None:
+            gateway_db: str | None = stack.enter_context(postgres_database(server_dsn))
+            raw_db = stack.enter_context(postgres_database(server_dsn))
+        else:
+            gateway_db, raw_db = None, str(work / "raw.sqlite3")
+        cluster = stack.enter_context(Cluster(work / "hot", replicas=replicas, db=gateway_db))
+        gateways: list[Server] = list(cluster.gateways)
+        ids, gateway_paths = park_on_gateway(gateways, loadgen, results)
         raw_paths = park_on_raw(raw_db, results)
-        raw = stack.enter_context(running(start_raw(raw_db)))
-        sides = [(gateway, gateway_paths), (raw, raw_paths)]
-        for server, paths in sides:
-            fire_callbacks(server, loadgen, paths[:warm], clients)
+        raws = [
+            stack.enter_context(running(start_raw(raw_db, work / f"raw-{i}.log")))
+            for i in range(replicas)
+        ]
+        sides = [(Side(gateways, postgres), gateway_paths), (Side(raws, postgres), raw_paths)]
+        for side, paths in sides:
+            fire_callbacks(side, loadgen, paths[:warm], clients)
         measured: list[list[LoadResult]] = [[], []]
-        cpu = [0.0, 0.0]
+        cpu = [[0.0, 0.0], [0.0, 0.0]]
         for round_paths in zip(*(chunks(paths[warm:], rounds) for _, paths in sides), strict=True):
-            for side, (server, _) in enumerate(sides):
-                result, used = fire_callbacks(server, loadgen, round_paths[side], clients)
-                measured[side].append(result)
-                cpu[side] += used
-        results.gateway = HotPath.of("gateway", merge(measured[0]), cpu[0])
-        results.raw = HotPath.of("raw", merge(measured[1]), cpu[1])
+            for index, (side, _) in enumerate(sides):
+                result, server_cpu, postgres_cpu = fire_callbacks(
+                    side, loadgen, round_paths[index], clients
+                )
+                measured[index].append(result)
+                cpu[index][0] += server_cpu
+                cpu[index][1] += postgres_cpu
+        results.gateway = HotPath.of("gateway", merge(measured[0]), *cpu[0])
+        results.raw = HotPath.of("raw", merge(measured[1]), *cpu[1])
         print(results.gateway.line())
         print(results.raw.line())
         print(f"  ratio gateway/raw = {results.ratio:.2f}")
-        results.gateway_rss_after_load_mb = gateway.memory_kb()["VmRSS"] / 1024
-        print(f"  gateway VmRSS after the run: {results.gateway_rss_after_load_mb:.1f} MB")
-        done = count_jobs_by_api(gateway, "success")
-        pending = count_jobs_by_api(gateway, "pending")
+        results.replica_rss_mb = [g.memory_kb()["VmRSS"] / 1024 for g in cluster.gateways]
+        results.gateway_rss_after_load_mb = max(results.replica_rss_mb)
+        rss = ", ".join(f"{mb:.1f}" for mb in results.replica_rss_mb)
+        print(f"  gateway VmRSS after the run (per replica): {rss} MB")
+        done = count_jobs_by_api(cluster.gateways[0], "success")
+        pending = count_jobs_by_api(cluster.gateways[0], "pending")
+        raw_done = count_raw(raw_db, "SELECT count(*) FROM jobs WHERE state = 'success'")
+        events = count_raw(raw_db, "SELECT count(*) FROM job_events")
     fail_if(results.gateway.errors != 0, f"{results.gateway.errors} callbacks were not 200")
     fail_if(done != set(ids), f"{len(set(ids) - done)} jobs did not end success")
     fail_if(bool(pending), f"{len(pending)} jobs are still pending")
     print(f"  checked through the API: all {len(done)} gateway jobs are success, none pending")
-    conn = sqlite3.connect(raw_db)
-    try:
-        raw_done = conn.execute("SELECT count(*) FROM jobs WHERE state = 'success'").fetchone()[0]
-        events = conn.execute("SELECT count(*) FROM job_events").fetchone()[0]
-    finally:
-        conn.close()
     fail_if(results.raw.errors != 0, f"{results.raw.errors} raw callbacks were not 200")
     expected = warm + jobs
     fail_if(raw_done != expected or events != expected, f"raw: {raw_done} success, {events} events")
@@ -574,8 +709,8 @@ def bench_memory(work: Path, loadgen: LoadGenerator, results: Results) -> None:
     with running(start_gateway(data_dir)) as server:
         results.parked_start_s = server.start_s
         results.rss_idle_mb = server.memory_kb()["VmRSS"] / 1024
-        _, paths, _ = create_jobs(server, loadgen, 300, clients)
-        result, _ = fire_callbacks(server, loadgen, paths, clients)
+        _, paths, _ = create_jobs([server], loadgen, 300, clients)
+        result, _, _ = fire_callbacks(Side([server], False), loadgen, paths, clients)
         fail_if(any(s != 200 for s in result.statuses), "a callback failed with many parked jobs")
         memory = server.memory_kb()
     results.rss_mb = memory["VmRSS"] / 1024
@@ -587,32 +722,42 @@ def bench_memory(work: Path, loadgen: LoadGenerator, results: Results) -> None:
     )
 
 
-def bench_sweep(work: Path, results: Results) -> None:
-    print(f"[4] sweep of {SWEEP_JOBS:,} expired deadlines (beside {SWEEP_JOBS:,} not due) ...")
-    data_dir = work / "sweep"
-    template_id = make_template(data_dir)
-    db_path = gateway_db(data_dir)
-    now = time.time()
-    started = time.perf_counter()
-    bulk_park(
-        db_path, template_id, SWEEP_JOBS, prefix=template_id[:10] + "DEAD00", due_at=now - 3600
+SWEEP_CHECKS = (
+    "SELECT count(*) FROM jobs WHERE state = 'failed'"
+    " AND failure_reason = 'callback_timeout' AND deadline_at IS NULL",
+    "SELECT count(*) FROM job_events WHERE state = 'failed'"
+    " AND failure_reason = 'callback_timeout' AND cause = 'deadline'",
+    "SELECT count(*) FROM jobs WHERE state = 'pending'",
+)
+
+
+def bench_sweep(work: Path, results: Results, server_dsn: str | None) -> None:
+    """Phase 4: on the gateway's SQLite file, or on a fresh PostgreSQL database."""
+    print(
+        f"[4] sweep of {SWEEP_JOBS:,} expired deadlines (beside {SWEEP_JOBS:,} not due)"
+        f" on {results.store} ..."
     )
-    bulk_park(db_path, template_id, SWEEP_JOBS, prefix=template_id[:10] + "NEXT00")
-    results.sweep_build_s = time.perf_counter() - started
-    expired, results.sweep_s = asyncio.run(_sweep(db_path, now))
-    conn = sqlite3.connect(db_path)
-    try:
-        failed = conn.execute(
-            "SELECT count(*) FROM jobs WHERE state = 'failed'"
-            " AND failure_reason = 'callback_timeout' AND deadline_at IS NULL"
-        ).fetchone()[0]
-        events = conn.execute(
-            "SELECT count(*) FROM job_events WHERE state = 'failed'"
-            " AND failure_reason = 'callback_timeout' AND cause = 'deadline'"
-        ).fetchone()[0]
-        pending = conn.execute("SELECT count(*) FROM jobs WHERE state = 'pending'").fetchone()[0]
-    finally:
-        conn.close()
+    data_dir = work / "sweep"
+    now = time.time()
+    with contextlib.ExitStack() as stack:
+        dsn = None if server_dsn is None else stack.enter_context(postgres_database(server_dsn))
+        template_id = make_template(data_dir, db=dsn)
+        dead, fresh = template_id[:10] + "DEAD00", template_id[:10] + "NEXT00"
+        started = time.perf_counter()
+        if dsn is None:
+            db_path = gateway_db(data_dir)
+            bulk_park(db_path, template_id, SWEEP_JOBS, prefix=dead, due_at=now - 3600)
+            bulk_park(db_path, template_id, SWEEP_JOBS, prefix=fresh)
+            results.sweep_build_s = time.perf_counter() - started
+            expired, results.sweep_s = asyncio.run(_sweep(db_path, None, now))
+            failed, events, pending = (count_raw(str(db_path), sql) for sql in SWEEP_CHECKS)
+        else:
+            park = postgres_bulk_park
+            run_async(lambda: park(dsn, template_id, SWEEP_JOBS, prefix=dead, due_at=now - 3600))
+            run_async(lambda: park(dsn, template_id, SWEEP_JOBS, prefix=fresh))
+            results.sweep_build_s = time.perf_counter() - started
+            expired, results.sweep_s = run_async(lambda: _sweep(None, dsn, now))
+            failed, events, pending = (count_raw(dsn, sql) for sql in SWEEP_CHECKS)
     fail_if(expired != SWEEP_JOBS, f"sweep_once reported {expired}, expected {SWEEP_JOBS}")
     fail_if(failed != SWEEP_JOBS, f"{failed} jobs failed with callback_timeout")
     fail_if(events != SWEEP_JOBS, f"{events} callback_timeout events were written")
@@ -623,13 +768,23 @@ def bench_sweep(work: Path, results: Results) -> None:
     )
 
 
-async def _sweep(db_path: Path, now: float) -> tuple[int, float]:
+async def _sweep(db_path: Path | None, dsn: str | None, now: float) -> tuple[int, float]:
+    """One `Sweeper.sweep_once` on the real store (SQLite file or PostgreSQL database)."""
     from gateway.clock import ManualClock
     from gateway.metrics import Metrics
-    from gateway.store.sqlite import SQLiteStore
+    from gateway.store.base import Store
     from gateway.sweeper import Sweeper
 
-    store = SQLiteStore(db_path)
+    store: Store
+    if dsn is not None:
+        from gateway.store.postgres import PostgresStore
+
+        store = PostgresStore(dsn)
+    else:
+        from gateway.store.sqlite import SQLiteStore
+
+        assert db_path is not None
+        store = SQLiteStore(db_path)
     await store.open()
     try:
         sweeper = Sweeper(store, ManualClock(now), Metrics(), interval_s=1.0)
@@ -677,9 +832,15 @@ def summary(results: Results) -> list[tuple[str, str, str, str]]:
     goal("callback errors (non-200)", str(gateway.errors), "0", gateway.errors == 0)
     cpu = f"{gateway.server_cpu_ms_per_req:.3f} / {raw.server_cpu_ms_per_req:.3f} ms"
     info("server CPU per callback gateway / raw", cpu)
-    rss, hwm, rss_goal = results.rss_mb, results.hwm_mb, f"<= {GOAL_RSS_MB:.0f} MB"
-    goal(f"VmRSS with {parked} parked", f"{rss:.1f} MB", rss_goal, rss <= GOAL_RSS_MB)
-    goal(f"VmHWM with {parked} parked", f"{hwm:.1f} MB", rss_goal, hwm <= GOAL_RSS_MB)
+    if results.store == "postgresql":
+        cpu = f"{gateway.postgres_cpu_ms_per_req:.3f} / {raw.postgres_cpu_ms_per_req:.3f} ms"
+        info("PostgreSQL CPU per callback gateway / raw", cpu)
+        per_replica = ", ".join(f"{mb:.1f}" for mb in results.replica_rss_mb)
+        info("gateway VmRSS after the hot path, per replica", f"{per_replica} MB")
+    else:
+        rss, hwm, rss_goal = results.rss_mb, results.hwm_mb, f"<= {GOAL_RSS_MB:.0f} MB"
+        goal(f"VmRSS with {parked} parked", f"{rss:.1f} MB", rss_goal, rss <= GOAL_RSS_MB)
+        goal(f"VmHWM with {parked} parked", f"{hwm:.1f} MB", rss_goal, hwm <= GOAL_RSS_MB)
     sweep = results.sweep_s
     target = f"<= {GOAL_SWEEP_S:.0f} s"
     goal(f"sweep {SWEEP_JOBS:,} expired deadlines", f"{sweep:.2f} s", target, sweep <= GOAL_SWEEP_S)
@@ -702,12 +863,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
+        "--db",
+        metavar="POSTGRESQL_URL",
+        help="measure on PostgreSQL: each run makes (and drops) fresh databases on this server",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="gateway replicas (1; more need --db)"
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="diagnostic: servers (and the sweep) on CPU 0, the load generator on CPU 1",
     )
     args = parser.parse_args(argv)
+    if args.db is not None and not is_postgres_url(args.db):
+        parser.error("--db takes a postgresql:// URL (SQLite is the default)")
+    if args.replicas < 1 or (args.replicas > 1 and args.db is None):
+        parser.error("--replicas N > 1 needs --db postgresql://...")
     results = Results(
+        store="sqlite" if args.db is None else "postgresql",
+        replicas=args.replicas,
         jobs=args.jobs or (2_000 if args.quick else 20_000),
         clients=args.clients,
         parked=args.parked or (100_000 if args.quick else 1_000_000),
@@ -715,8 +890,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sys.path.insert(0, str(ROOT / "bench"))
     print(
-        f"bench/callbacks.py: {results.jobs} callbacks, {results.clients} clients,"
-        f" {results.parked:,} parked; {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M %Z')};"
+        f"bench/callbacks.py: {results.store} x{results.replicas}, {results.jobs} callbacks,"
+        f" {results.clients} clients"
+        + ("" if args.db else f", {results.parked:,} parked")
+        + f"; {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M %Z')};"
         f" code {describe_checkout()}"
     )
     started = time.perf_counter()
@@ -730,9 +907,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
             work = Path(tmp)
-            bench_hot_path(work, loadgen, results)
-            bench_memory(work, loadgen, results)
-            bench_sweep(work, results)
+            bench_hot_path(work, loadgen, results, args.db)
+            if args.db is None:
+                bench_memory(work, loadgen, results)
+            bench_sweep(work, results, args.db)
     except (BenchError, HarnessError) as exc:
         print(f"bench/callbacks.py: CHECK FAILED: {exc}", file=sys.stderr)
         return 1

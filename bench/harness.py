@@ -114,6 +114,23 @@ def process_memory_kb(pid: int) -> dict[str, int]:
     return found
 
 
+def postgres_cpu_s() -> float:
+    """User + system CPU seconds so far of every live process named `postgres` on this machine
+    (the server and its backends: a PostgreSQL-backed figure's database side). A backend that
+    exits between two readings takes its share with it, so read it around work done on open
+    pools."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "postgres":
+                total += process_cpu_s(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def _log_tail(path: Path, offset: int = 0) -> str:
     try:
         with path.open("rb") as log:
