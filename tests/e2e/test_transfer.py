@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -210,6 +212,11 @@ def test_sqlite_to_sqlite_round_trip(source: Source, receiver: Receiver, tmp_pat
     done = gateway("import", "--db", target, str(source.export))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("imported ")
+    other_key = {**source.keys(), "GATEWAY_SECRET_KEY": "another-key-0123456789abcdef"}
+    wrong = gateway(
+        "serve", "--port", "0", "--data-dir", str(tmp_path / "other"), "--db", target, env=other_key
+    )
+    assert wrong.returncode != 0 and "GATEWAY_SECRET_KEY differs" in wrong.stderr, wrong.stderr
     before = len(receiver.received)
     server = start_server(tmp_path / "data", "--db", target, env={**source.keys(), **WEBHOOK_ENV})
     try:
@@ -312,3 +319,87 @@ def test_tables_cover_the_schema_parents_first(tmp_path: Path) -> None:
         for position, table in enumerate(order):
             for reference in conn.execute(f"PRAGMA foreign_key_list({table})"):
                 assert order.index(reference[2]) <= position, (table, reference[2])
+
+
+def doc_block(marker: str) -> str:
+    """The one fenced `sh` block of docs/operations.md holding `marker`, dedented."""
+    blocks = re.findall(r"^( *)```sh\n(.*?)^\1```$", DOC.read_text(), re.MULTILINE | re.DOTALL)
+    found = [textwrap.dedent(body) for _, body in blocks if marker in body]
+    assert len(found) == 1, f"expected one sh block with {marker!r}, found {len(found)}"
+    return found[0]
+
+
+def run_doc_block(block: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `block` with bash, `gateway` on the PATH, no GATEWAY_* variables but `env`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=cwd,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_the_docs_move_recipe_runs_as_written(source: Source, tmp_path: Path) -> None:
+    """docs/operations.md's export/import recipe, run as written from beside the SQLite data dir
+    into PostgreSQL (SQLite without GATEWAY_TEST_POSTGRES_DSN), sets the variables a replica
+    needs; a gateway started with them serves the same jobs to the old admin token."""
+    shutil.copytree(source.data_dir, tmp_path / "gateway-data")
+    report = (
+        '\nprintf "%s\\n" "$GATEWAY_SECRET_KEY" "$GATEWAY_WEBHOOK_SECRET" "$GATEWAY_ADMIN_TOKEN"\n'
+    )
+
+    def move(target: str) -> None:
+        done = run_doc_block(doc_block("gateway import") + report, tmp_path, {"GATEWAY_DB": target})
+        assert done.returncode == 0, done.stderr
+        secret_key, webhook_secret, admin_token = done.stdout.splitlines()[-3:]
+        keys = source.keys()
+        assert (secret_key, webhook_secret) == (
+            keys["GATEWAY_SECRET_KEY"],
+            keys["GATEWAY_WEBHOOK_SECRET"],
+        )
+        env = {
+            "GATEWAY_SECRET_KEY": secret_key,
+            "GATEWAY_WEBHOOK_SECRET": webhook_secret,
+            **WEBHOOK_ENV,
+        }
+        server = start_server(tmp_path / "gateway-data", "--db", target, env=env)
+        try:
+            assert server.token == admin_token
+            with server.client() as http:
+                assert (
+                    http.get("/api/v1/jobs", params={"limit": 500}).json()["items"] == source.jobs
+                )
+        finally:
+            assert server.terminate() == 0
+            if server.proc.stdout:
+                server.proc.stdout.close()
+
+    dsn = os.environ.get(POSTGRES_DSN_VARIABLE)
+    if dsn:
+        from bench.harness import postgres_database
+
+        with postgres_database(dsn) as target:
+            move(target)
+    else:
+        move(f"sqlite:///{tmp_path / 'moved.sqlite3'}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="needs the sqlite3 command")
+def test_the_docs_sqlite_backup_command_copies_the_database(source: Source, tmp_path: Path) -> None:
+    """The online backup command of docs/operations.md, run as written beside the data dir,
+    gives a database with the same jobs."""
+    shutil.copytree(source.data_dir, tmp_path / "gateway-data")
+    done = run_doc_block(doc_block(".backup"), tmp_path, {})
+    assert done.returncode == 0, done.stderr
+    query = "SELECT id, state FROM jobs ORDER BY id"
+    with (
+        closing(sqlite3.connect(tmp_path / "gateway-backup.sqlite3")) as backup,
+        closing(sqlite3.connect(source.data_dir / "gateway.sqlite3")) as original,
+    ):
+        assert backup.execute(query).fetchall() == original.execute(query).fetchall()
