@@ -26,7 +26,9 @@ Run: `.venv/bin/python bench/chaos.py [--db sqlite|postgresql://...] [--replicas
   1. every terminal call answered 200 is reflected in its job (state, outputs, message, result;
      the terminal event's cause is `callback`); a call answered 202 (early) is applied when the
      script's exit 0 was accepted and is dropped only when the job failed or was canceled; no
-     two different calls are accepted for one job; no two exit reports are accepted;
+     two different calls are accepted for one job; no external or async job succeeds but by
+     its callback (a GET of the URL, which clients also send, never completes it); no job has
+     two hand-outs confirmed or two exit reports accepted;
   2. every job's events are one gapless history whose last event is its state, with exactly one
      terminal transition when the job is terminal and none otherwise;
   3. every event (job and pipeline) reached the `*` receiver with a 2xx by its `webhook-id`,
@@ -99,8 +101,8 @@ class Profile:
     drain_s: float  # for deadlines to fire and deliveries to end
 
 
-FULL = Profile(actors=12, runners=4, kill_gap_s=3.0, short_deadline_s=20, settle_s=60, drain_s=90)
-QUICK = Profile(actors=8, runners=3, kill_gap_s=1.5, short_deadline_s=8, settle_s=20, drain_s=30)
+FULL = Profile(actors=20, runners=6, kill_gap_s=3.0, short_deadline_s=20, settle_s=60, drain_s=90)
+QUICK = Profile(actors=8, runners=3, kill_gap_s=3.0, short_deadline_s=8, settle_s=20, drain_s=30)
 
 GATEWAY_ENV = {
     "GATEWAY_SWEEP_INTERVAL_S": "0.2",
@@ -150,6 +152,7 @@ class Tracked:
     calls: list[Call] = field(default_factory=list)
     exits: list[tuple[dict[str, Any], int, Any]] = field(default_factory=list)  # accepted ones
     cancels_ok: int = 0
+    confirmed: set[str] = field(default_factory=set)  # job tokens whose confirmation got 200
     trace: bytes | None = None  # every append acknowledged and the exit accepted
 
 
@@ -422,7 +425,10 @@ class Load:
         job = self.books.job(created["id"], "external", False)
         token = token_of(created["continue_url"])
         job.live_tokens.add(token)
-        for action in rng.sample(["start", "log", "heartbeat"], k=rng.randint(0, 3)):
+        for action in rng.sample(["start", "log", "heartbeat", "view"], k=rng.randint(0, 4)):
+            if action == "view":  # a link unfurler: GET never completes the job
+                await self.api.send("continue.get", "GET", f"/continue/{token}", idempotent=True)
+                continue
             content = f"progress of {job.id}\n".encode() if action == "log" else None
             await self.api.send(
                 f"continue.{action}",
@@ -611,6 +617,7 @@ class Load:
         )
         if confirmed is None or confirmed.status_code != 200:
             return
+        job.confirmed.add(handout["token"])
         if token is not None:
             job.maybe_revoked.discard(token)
             job.live_tokens.add(token)
@@ -782,7 +789,7 @@ def signature_ok(secret: str, arrival: Arrival) -> bool:
 
 
 JOB_COLUMNS = (
-    "id, pipeline_id, name, kind, state, failure_reason, message, outputs, result, needs,"
+    "id, pipeline_id, name, kind, is_async, state, failure_reason, message, outputs, result, needs,"
     " event_sequence, deadline_at, finished_at"
 )
 
@@ -901,6 +908,9 @@ class Audit:
                     f"{where}: {len(terminal)} terminal transitions "
                     f"{[(e['state'], e['cause']) for e in terminal]} in state {row['state']}"
                 )
+            called = row["kind"] == "external" or row["is_async"]
+            if called and row["state"] == "success" and history[-1]["cause"] != "callback":
+                self.violation(f"{where}: succeeded without its callback ({history[-1]['cause']})")
 
     def deadlines(self, jobs: dict[str, dict[str, Any]], retried: set[str]) -> None:
         """Non-terminal: a deadline (leases included), or `created` behind an unended need."""
@@ -938,6 +948,8 @@ class Audit:
             where = f"job {tracked.id} ({row['name']})"
             if len(tracked.exits) > 1:
                 self.violation(f"{where}: {len(tracked.exits)} exit reports accepted")
+            if len(tracked.confirmed) > 1:
+                self.violation(f"{where}: {len(tracked.confirmed)} hand-outs confirmed")
             ok = [c for c in tracked.calls if c.status == 200]
             early = [c for c in tracked.calls if c.status == 202]
             rivals = [
