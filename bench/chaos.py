@@ -28,7 +28,8 @@ Run: `.venv/bin/python bench/chaos.py [--db sqlite|postgresql://...] [--replicas
      script's exit 0 was accepted and is dropped only when the job failed or was canceled; no
      two different calls are accepted for one job; no external or async job succeeds but by
      its callback (a GET of the URL, which clients also send, never completes it); no job has
-     two hand-outs confirmed or two exit reports accepted;
+     two hand-outs confirmed or two exit reports accepted; an accepted exit report, job
+     cancel or pipeline cancel decided the job's (or pipeline's) state;
   2. every job's events are one gapless history whose last event is its state, with exactly one
      terminal transition when the job is terminal and none otherwise;
   3. every event (job and pipeline) reached the `*` receiver with a 2xx by its `webhook-id`,
@@ -102,7 +103,7 @@ class Profile:
 
 
 FULL = Profile(actors=20, runners=6, kill_gap_s=3.0, short_deadline_s=20, settle_s=60, drain_s=90)
-QUICK = Profile(actors=8, runners=3, kill_gap_s=3.0, short_deadline_s=8, settle_s=20, drain_s=30)
+QUICK = Profile(actors=8, runners=3, kill_gap_s=2.0, short_deadline_s=8, settle_s=20, drain_s=30)
 
 GATEWAY_ENV = {
     "GATEWAY_SWEEP_INTERVAL_S": "0.2",
@@ -163,6 +164,7 @@ class Books:
         self.requests: Counter[tuple[str, str]] = Counter()
         self.events: Counter[str] = Counter()
         self.jobs: dict[str, Tracked] = {}
+        self.pipelines_canceled: set[str] = set()  # a cancel answered 200
         self.violations: list[str] = []
 
     def count(self, kind: str, outcome: str) -> None:
@@ -537,13 +539,15 @@ class Load:
         token = token_of(item["continue_url"])
         if rng.random() < 0.1:
             await asyncio.sleep(rng.uniform(0, 2))
-            await self.api.send(
+            canceled = await self.api.send(
                 "pipeline.cancel",
                 "POST",
                 f"/api/v1/pipelines/{created['id']}/cancel",
                 idempotent=False,
                 headers=self.admin,
             )
+            if canceled is not None and canceled.status_code == 200:
+                self.books.pipelines_canceled.add(created["id"])
         await self.provision(provision, token, rng)
         build, _ = by_name["build"]
         if build_plan == "fail-first" and rng.random() < 0.7:
@@ -874,6 +878,10 @@ class Audit:
         self.figures["transitions"] = sum(len(e) for e in events.values())
         self.figures["pipeline_transitions"] = len(pipeline_events)
         self.histories(jobs, events)
+        for pipeline_id in sorted(self.books.pipelines_canceled):
+            state = await self.db.value("SELECT state FROM pipelines WHERE id = ?", pipeline_id)
+            if state != "canceled":
+                self.violation(f"pipeline {pipeline_id}: a cancel answered 200, it is {state}")
         self.deadlines(jobs, retried)
         await self.callbacks(jobs, events)
         await self.traces(jobs)
@@ -962,6 +970,10 @@ class Audit:
                 continue
             if tracked.cancels_ok and ok:
                 self.violation(f"{where}: a cancel and a terminal call both answered 200")
+            if tracked.cancels_ok and row["state"] != "canceled":
+                self.violation(f"{where}: a cancel answered 200, the job is {row['state']}")
+            for report, _, answer in tracked.exits:
+                self.exit_reflected(where, row, report, answer)
             if not ok and not early:
                 continue
             accepted += 1
@@ -981,6 +993,24 @@ class Audit:
                 continue
             self.reflected(where, shown, call, by_call)
         self.figures["jobs_with_accepted_calls"] = accepted
+
+    def exit_reflected(
+        self, where: str, row: dict[str, Any], report: dict[str, Any], answer: Any
+    ) -> None:
+        """An accepted exit report decided the job: failed on a non-zero exit, success on 0
+        (an async job parks instead, and its callback, a deadline or a cancel ends it)."""
+        if report["exit_code"] != 0:
+            expected = frozenset({"failed"})
+        elif row["is_async"]:
+            expected = TERMINAL | {"waiting"}
+        else:
+            expected = frozenset({"success"})
+        if row["state"] not in expected or (answer or {}).get("state") not in expected:
+            self.violation(
+                f"{where}: exit {report['exit_code']} answered {answer}, the job is {row['state']}"
+            )
+        elif report["exit_code"] != 0 and row["failure_reason"] != "script_failure":
+            self.violation(f"{where}: exit {report['exit_code']} but {row['failure_reason']}")
 
     def reflected(self, where: str, shown: dict[str, Any], call: Call, by_call: bool) -> None:
         problems = []
