@@ -67,6 +67,7 @@ from harness import (
     Cluster,
     HarnessError,
     Server,
+    database_name,
     describe_checkout,
     is_postgres_url,
     percentile,
@@ -278,15 +279,17 @@ def start_raw(db: str, log_path: Path) -> Server:
 @dataclass
 class Side:
     """The servers that answer one side's callbacks (replicas of a gateway, or raw apps), and
-    whether the database side's CPU (PostgreSQL's processes) counts too."""
+    the PostgreSQL database they use (None: SQLite), whose CPU counts too."""
 
     servers: list[Server]
-    postgres: bool
+    postgres_db: str | None = None
 
     def cpu_s(self) -> tuple[float, float]:
-        """(CPU seconds of the servers, of PostgreSQL) so far."""
+        """(CPU seconds of the servers, of PostgreSQL working for this side's database) so far."""
         servers = sum(server.cpu_s() for server in self.servers)
-        return servers, postgres_cpu_s() if self.postgres else 0.0
+        if self.postgres_db is None:
+            return servers, 0.0
+        return servers, postgres_cpu_s({database_name(self.postgres_db)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,7 +648,6 @@ def bench_hot_path(
     where = f"{results.store} x{replicas}"
     print(f"[1+2] hot path ({where}): {warm} warm-up + {jobs} measured callbacks on the gateway")
     print(f"  and on the raw ceiling app, {clients} clients, in {rounds} alternating rounds ...")
-    postgres = server_dsn is not None
     with contextlib.ExitStack() as stack:
         if server_dsn is not None:
             gateway_db: str | None = stack.enter_context(postgres_database(server_dsn))
@@ -660,7 +662,8 @@ def bench_hot_path(
             stack.enter_context(running(start_raw(raw_db, work / f"raw-{i}.log")))
             for i in range(replicas)
         ]
-        sides = [(Side(gateways, postgres), gateway_paths), (Side(raws, postgres), raw_paths)]
+        raw_postgres = raw_db if gateway_db is not None else None
+        sides = [(Side(gateways, gateway_db), gateway_paths), (Side(raws, raw_postgres), raw_paths)]
         for side, paths in sides:
             fire_callbacks(side, loadgen, paths[:warm], clients)
         measured: list[list[LoadResult]] = [[], []]
@@ -710,7 +713,7 @@ def bench_memory(work: Path, loadgen: LoadGenerator, results: Results) -> None:
         results.parked_start_s = server.start_s
         results.rss_idle_mb = server.memory_kb()["VmRSS"] / 1024
         _, paths, _ = create_jobs([server], loadgen, 300, clients)
-        result, _, _ = fire_callbacks(Side([server], False), loadgen, paths, clients)
+        result, _, _ = fire_callbacks(Side([server]), loadgen, paths, clients)
         fail_if(any(s != 200 for s in result.statuses), "a callback failed with many parked jobs")
         memory = server.memory_kb()
     results.rss_mb = memory["VmRSS"] / 1024

@@ -69,6 +69,7 @@ from harness import (
     Cluster,
     Gateway,
     HarnessError,
+    database_name,
     describe_checkout,
     end_process,
     is_postgres_url,
@@ -569,17 +570,20 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
 
-def bench_hand_outs(gateways: list[Gateway], clients: RunnerClients, results: Results) -> None:
+def bench_hand_outs(
+    gateways: list[Gateway], clients: RunnerClients, results: Results, db: str | None
+) -> None:
     """Phase 1; with several replicas the creators and the runner clients spread over them."""
     urls, jobs, runners = [g.url for g in gateways], results.jobs, results.runners
     url = urls[0]
     print(f"[1] hand-outs: {jobs} pending script jobs, {runners} runner clients ...")
     token = register_runner(url, "bench hand-outs")
     ids, create_s = clients.run("create", urls, "", jobs, CREATE_CLIENTS)
-    postgres = results.store == "postgresql"
+    postgres = db is not None
 
     def cpu_s() -> tuple[float, float]:
-        return sum(g.cpu_s() for g in gateways), postgres_cpu_s() if postgres else 0.0
+        servers = sum(g.cpu_s() for g in gateways)
+        return servers, 0.0 if db is None else postgres_cpu_s({database_name(db)})
 
     server_before, postgres_before = cpu_s()
     run: HandOutRun = clients.run("hand-outs", urls, token, jobs, runners)
@@ -826,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.ExitStack() as stack:
                 db = None if args.db is None else stack.enter_context(postgres_database(args.db))
                 cluster = stack.enter_context(Cluster(work, replicas=args.replicas, db=db))
-                bench_hand_outs(cluster.gateways, clients, results)
+                bench_hand_outs(cluster.gateways, clients, results, db)
                 bench_wakeups(cluster.urls, clients, results)
                 bench_runner_seconds(cluster.urls, work, results)
     except (BenchError, HarnessError) as exc:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -114,21 +114,35 @@ def process_memory_kb(pid: int) -> dict[str, int]:
     return found
 
 
-def postgres_cpu_s() -> float:
-    """User + system CPU seconds so far of every live process named `postgres` on this machine
-    (the server and its backends: a PostgreSQL-backed figure's database side). A backend that
-    exits between two readings takes its share with it, so read it around work done on open
-    pools."""
+_BACKEND_TITLE = re.compile(r"^postgres: (?:[^:]+: )?\S+ (\S+) (?:\S+\(\d+\)|\[local\])")
+
+
+def postgres_cpu_s(databases: Collection[str] | None = None) -> float:
+    """User + system CPU seconds so far of the processes named `postgres` on this machine: the
+    server's own (WAL writer, checkpointer...) and, when `databases` is given, only the client
+    backends connected to one of them (their process title names the database), so work on
+    other databases (another run, the tests) stays out. A backend that exits between two
+    readings takes its share with it, so read this around work done on open pools."""
     total = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if (entry / "comm").read_text().strip() == "postgres":
-                total += process_cpu_s(int(entry.name))
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            backend = _BACKEND_TITLE.match(title)
+            if databases is not None and backend and backend.group(1) not in databases:
+                continue
+            total += process_cpu_s(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def database_name(dsn: str) -> str:
+    """The database a `postgresql://` URL names."""
+    return urlsplit(dsn).path.lstrip("/")
 
 
 def _log_tail(path: Path, offset: int = 0) -> str:
