@@ -41,8 +41,6 @@ import math
 import multiprocessing
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,10 +52,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (
+    ADMIN_TOKEN,
+    Gateway,
+    HarnessError,
+    describe_checkout,
+    percentile,
+    running,
+    start_gateway,
+)
 
-SECRET_KEY = "bench-secret-key-0123456789abcdef0123456789"
-ADMIN_TOKEN = "gw_bench-admin-token-0123456789abcdef"
 SERVER_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"bench-webhook-secret-0123456789ab").decode()
 ENDPOINTS = 10
 HANGING = 9  # the index of the hanging receiver in phases 3 and 5
@@ -66,7 +70,6 @@ WARMUP_S = 2.0
 START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 ARRIVAL_TIMEOUT_S = 120.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 GOAL_PER_S = 2000.0
 GOAL_P99_MS = 100.0
@@ -404,74 +407,12 @@ def build_request(host: str, path: str, body: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).netloc
-
-    def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def gateway(data_dir: Path) -> Iterator[Gateway]:
-    """A fresh `gateway serve` on a free loopback port, stopped (SIGTERM) at the end."""
-    import httpx
-
-    env = {
-        **os.environ,
-        "GATEWAY_SECRET_KEY": SECRET_KEY,
-        "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "GATEWAY_WEBHOOK_SECRET": SERVER_WEBHOOK_SECRET,
-        "GATEWAY_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",
-    }
-    log_path = data_dir.parent / f"{data_dir.name}-serve.log"
-    command = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*command, "--data-dir", str(data_dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    url = None
-    while url is None:
-        match = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
-        if match:
-            url = match.group(1)
-        elif proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise BenchError(f"gateway serve did not start:\n{log_path.read_text()}")
-        else:
-            time.sleep(0.02)  # polling with a deadline
-    server = Gateway(proc, url, log_path)
-    try:
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            fail_if(time.monotonic() > deadline, "gateway serve never became ready")
-            time.sleep(0.02)
+    """A fresh `gateway serve` on a free loopback port (bench/harness.py; loopback webhooks
+    allowed), stopped (SIGTERM) at the end."""
+    with running(start_gateway(data_dir, webhook_secret=SERVER_WEBHOOK_SECRET)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def subscribe(server: Gateway, receivers: Receivers, paths: Sequence[str]) -> None:
@@ -518,12 +459,6 @@ def check_delivery_log(server: Gateway) -> dict[str, int]:
 
 def ms(value: float) -> str:
     return f"{value:.1f} ms" if math.isfinite(value) else "not arrived"
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 @dataclass
@@ -586,7 +521,7 @@ def bench_throughput(work: Path, loadgen: LoadGenerator, results: Results) -> No
         with gateway(work / "throughput") as server:
             paths = [f"/e/{i}" for i in range(ENDPOINTS)]
             subscribe(server, receivers, paths)
-            requests = [build_request(server.host, "/api/v1/jobs", {"name": "bench"})] * jobs
+            requests = [build_request(server.host_header, "/api/v1/jobs", {"name": "bench"})] * jobs
             cpu_before = server.cpu_s()
             started = time.time()
             created = loadgen.run(server.url, requests, connections=20)
@@ -636,7 +571,7 @@ def bench_latency(
             if per_job:
                 requests = [
                     build_request(
-                        server.host,
+                        server.host_header,
                         "/api/v1/jobs",
                         {"name": "bench", "state_webhook_url": receivers.url + path(i % 10)},
                     )
@@ -644,7 +579,9 @@ def bench_latency(
                 ]
             else:
                 subscribe(server, receivers, [path(i) for i in range(ENDPOINTS)])
-                requests = [build_request(server.host, "/api/v1/jobs", {"name": "bench"})] * total
+                requests = [
+                    build_request(server.host_header, "/api/v1/jobs", {"name": "bench"})
+                ] * total
             cpu_before = server.cpu_s()
             created_at = time.time()
             created = loadgen.run(server.url, requests, connections=64, rate=transitions_per_s)
@@ -747,19 +684,6 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-def describe_checkout() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "(not a git checkout)"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, help="jobs in phase 1 (x10 deliveries; 2000/300)")
@@ -789,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for per_job in (False, True):
                 for hanging in (False, True):
                     bench_latency(work, loadgen, results, per_job=per_job, hanging=hanging)
-    except BenchError as exc:
+    except (BenchError, HarnessError) as exc:
         print(f"bench/webhooks.py: CHECK FAILED: {exc}", file=sys.stderr)
         return 1
     finally:
