@@ -49,6 +49,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RangeNotSatisfiable,
     StateConflict,
+    StoreError,
     Unauthorized,
 )
 from gateway.keys import ADMIN_TOKEN_FILE, SECRET_KEY_FILE, WEBHOOK_SECRET_FILE, load_or_create
@@ -223,9 +224,11 @@ def create_app(
             await store.ensure_api_token(
                 "admin", token_hash(admin_token.value), "admin", clock.now()
             )
-        except BaseException:
+        except BaseException as exc:
             # A refused start must not leave the connection's thread behind (the process hangs).
             await store.close()
+            if isinstance(exc, StoreError):
+                app.state.refusal = str(exc)
             raise
         stop = asyncio.Event()
         tasks = []
@@ -266,6 +269,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.state.refusal = None  # why the store refused to start (another key, a newer schema)
     app.state.sweeper = sweeper
     app.state.dispatcher = dispatcher
     app.state.openapi = build_openapi()

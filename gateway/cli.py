@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -26,6 +26,9 @@ from gateway.api.common import Context
 from gateway.client import DEFAULT_URL, MissingToken, api_token, gateway_url
 from gateway.config import Settings
 from gateway.errors import ConfigError, StoreError, TransferRefused
+
+if TYPE_CHECKING:
+    from gateway.app import StartupInfo
 
 CLIENT_TIMEOUT_S = 30.0
 CONTINUE_ATTEMPTS = 5
@@ -153,25 +156,12 @@ def _serve(args: argparse.Namespace) -> int:
         sweep_interval_s=args.sweep_interval_s,
     )
     app = create_app(settings)
-    info = app.state.startup
-    print(f"gateway {__version__} listening on http://{settings.host}:{settings.port}", flush=True)
-    print(f"continue URLs start with {settings.base_url}/continue/", flush=True)
-    print(f"dashboard at {settings.base_url}/ (sign in with an API token)", flush=True)
-    if info.admin_token_path is not None:
-        created = " (new)" if info.admin_token_created else ""
-        print(
-            f"admin token{created} in {info.admin_token_path}: send it as"
-            f" 'Authorization: Bearer <token>'",
-            flush=True,
-        )
-    else:
-        print("admin token: GATEWAY_ADMIN_TOKEN", flush=True)
     if settings.host in ("0.0.0.0", "::") and not settings.public_url:
         logging.getLogger("gateway").warning(
             "listening on all interfaces without GATEWAY_PUBLIC_URL; continue URLs use localhost"
         )
     config = uvicorn.Config(
-        app,
+        _plain_refusals(app),
         log_level="warning",
         access_log=False,
         lifespan="on",
@@ -182,9 +172,56 @@ def _serve(args: argparse.Namespace) -> int:
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: None)
     _settle_garbage_collector()
-    _gateway_server(config, app.state.ctx).run(sockets=[sock])
+    try:
+        _gateway_server(config, app, settings).run(sockets=[sock])
+    except SystemExit:
+        if app.state.refusal is None:
+            raise
+        print(f"gateway: {app.state.refusal}", file=sys.stderr, flush=True)
+        return 1
     print("gateway stopped", flush=True)
     return 0
+
+
+def _announce(settings: Settings, info: StartupInfo) -> None:
+    """Where the gateway listens and how to authenticate, once it is ready."""
+    print(f"gateway {__version__} listening on http://{settings.host}:{settings.port}", flush=True)
+    print(f"continue URLs start with {settings.base_url}/continue/", flush=True)
+    print(f"dashboard at {settings.base_url}/ (sign in with an API token)", flush=True)
+    if info.admin_token_path is None:
+        print("admin token: GATEWAY_ADMIN_TOKEN", flush=True)
+        return
+    created = " (new)" if info.admin_token_created else ""
+    print(
+        f"admin token{created} in {info.admin_token_path}: send it as"
+        f" 'Authorization: Bearer <token>'",
+        flush=True,
+    )
+    if settings.postgres_dsn is not None:
+        logging.getLogger("gateway").warning(
+            "the admin token was generated into the data dir; replicas on one database take"
+            " the admin token over from each other: set the same GATEWAY_ADMIN_TOKEN on every"
+            " replica (docs/operations.md)"
+        )
+
+
+def _plain_refusals(app: Any) -> Any:
+    """The app, but a start the gateway refuses (another secret key, a newer schema) is told
+    in one line by `_serve` instead of a traceback in uvicorn's log."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def send_plainly(message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed" and app.state.refusal is not None:
+                message = {"type": message["type"], "message": ""}
+            await send(message)
+
+        await app(scope, receive, send_plainly)
+
+    return asgi
 
 
 def _settle_garbage_collector() -> None:
@@ -250,15 +287,20 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_server(config: Any, ctx: Context) -> Any:
-    """A uvicorn server that releases long polls and ends event streams the moment a stop is
-    asked for: the graceful shutdown waits for open requests, and those would hold it."""
+def _gateway_server(config: Any, app: Any, settings: Settings) -> Any:
+    """A uvicorn server that says where it listens once it is ready, and releases long polls
+    and ends event streams the moment a stop is asked for: the graceful shutdown waits for
+    open requests, and those would hold it."""
     import uvicorn
+
+    ctx: Context = app.state.ctx
 
     class GatewayServer(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             self._gateway_loop = asyncio.get_running_loop()
             await super().startup(sockets=sockets)
+            if self.started:
+                _announce(settings, app.state.startup)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             loop = getattr(self, "_gateway_loop", None)
