@@ -1135,9 +1135,13 @@ class Audit:
                     # no signature over it verifies, so no receiver takes it for a delivery.
                     truncated += 1
                 elif arrival.body != stored:
+                    pairs = enumerate(zip(arrival.body, stored, strict=False))
+                    at = next((i for i, (a, b) in pairs if a != b), len(stored))
+                    start = max(0, at - 20)
                     self.violation(
                         f"receiver {name}: {arrival.webhook_id} arrived with other content than"
-                        f" stored: {arrival.body[:120]!r} vs {stored[:120]!r}"
+                        f" stored from byte {at}: {arrival.body[start : at + 40]!r}"
+                        f" vs {stored[start : at + 40]!r}"
                     )
                 elif not signature_ok(secret, arrival):
                     self.violation(f"receiver {name}: bad signature on {arrival.webhook_id}")
