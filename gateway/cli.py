@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from gateway import __version__, runner
+from gateway import __version__, logs, runner
 from gateway.api.common import Context
 from gateway.client import DEFAULT_URL, MissingToken, api_token, gateway_url
 from gateway.config import Settings
@@ -139,9 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    # httpx logs every webhook request at INFO, with its URL; the delivery log has them.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure(args.log_level)
     probe = Settings.from_env(host=args.host, port=args.port if args.port else None)
     sock = socket.socket(socket.AF_INET6 if ":" in probe.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from gateway import __version__
+from gateway import __version__, logs
 from gateway.client import DEFAULT_URL, MissingToken, api_token, gateway_url
 from gateway.masking import Masker
 
@@ -980,10 +980,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         print("gateway: --concurrency must be at least 1", file=sys.stderr)
         return 1
-    handler = logging.StreamHandler()
-    handler.setFormatter(_EventFormatter("%(asctime)s %(name)s %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure(args.log_level)
     runner = Runner(
         url,
         token,
@@ -993,17 +990,6 @@ def _run_command(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace_s,
     )
     return asyncio.run(_serve(runner))
-
-
-class _EventFormatter(logging.Formatter):
-    """`event key=value ...`: the record's message followed by the fields given as `extra`."""
-
-    _standard = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = {k: v for k, v in vars(record).items() if k not in self._standard}
-        return " ".join([line, *(f"{k}={v}" for k, v in fields.items())])
 
 
 async def _serve(runner: Runner) -> int:
