@@ -25,7 +25,8 @@ from gateway.metrics import Metrics
 from gateway.models import DeliveryClaim
 from gateway.store.base import AttemptOutcome, Store
 from gateway.webhooks import signing
-from gateway.webhooks.guard import BlockedAddress, GuardedTransport, IPNetwork
+from gateway.webhooks.client import SendError, WebhookClient
+from gateway.webhooks.guard import BlockedAddress, IPNetwork
 
 log = logging.getLogger("gateway.webhooks")
 
@@ -98,28 +99,16 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._per_receiver: Tally[str] = Tally()
-        self._client: httpx.AsyncClient | None = None
+        self._client: WebhookClient | None = None
 
     def wake(self) -> None:
         """New deliveries were committed: look now instead of at the next poll."""
         self._wake.set()
 
-    def _new_client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(
-            max_connections=self._policy.concurrency,
-            max_keepalive_connections=self._policy.concurrency,
-        )
-        return httpx.AsyncClient(
-            transport=GuardedTransport(self._policy.allow, limits),
-            timeout=httpx.Timeout(self._policy.timeout_s),
-            follow_redirects=False,
-            trust_env=False,
-        )
-
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop` is set; then let attempts in flight finish briefly
         (their leases lapse and another pass resends whatever was cut off)."""
-        self._client = self._new_client()
+        self._client = WebhookClient(self._policy.allow, max_idle=self._policy.concurrency)
         try:
             while not stop.is_set():
                 # Cleared before the pass, so a commit made during it still wakes the next one.
@@ -130,6 +119,8 @@ class Dispatcher:
                     log.exception("dispatch_failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_for_work(stop), timeout=IDLE_POLL_S)
+                if not self._wake.is_set():
+                    await self._client.prune()
             if self._in_flight:
                 await asyncio.wait(self._in_flight, timeout=DRAIN_S)
             for task in self._in_flight:
@@ -212,18 +203,17 @@ class Dispatcher:
         snippet: str | None = None
         retry_after: float | None = None
         try:
-            async with self._client.stream(
-                "POST", claim.url, content=claim.body, headers=headers
-            ) as response:
-                status = response.status_code
-                retry_after = retry_after_s(response.headers.get("retry-after"), now)
-                snippet = await _snippet(response)
+            async with asyncio.timeout(self._policy.timeout_s):
+                answer = await self._client.post(claim.url, headers, claim.body, SNIPPET_BYTES)
+            status = answer.status_code
+            retry_after = retry_after_s(answer.retry_after, now)
+            snippet = answer.snippet
         except BlockedAddress as exc:
             error = f"blocked: {exc}"
-        except httpx.TimeoutException:
+        except TimeoutError:
             error = f"timeout after {self._policy.timeout_s:g} s"
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            error = f"{type(exc).__name__}: {exc}"[:300]
+        except (SendError, httpx.InvalidURL) as exc:
+            error = (str(exc) if isinstance(exc, SendError) else f"InvalidURL: {exc}")[:300]
         duration_ms = (loop.time() - started) * 1000
         succeeded = status is not None and 200 <= status < 300
         if status == 410:
@@ -244,13 +234,3 @@ class Dispatcher:
             next_attempt_at=None if delay is None else self._clock.now() + delay,
             disable_reason=None,
         )
-
-
-async def _snippet(response: httpx.Response) -> str:
-    """At most SNIPPET_BYTES of the answer; the rest is never read."""
-    collected = b""
-    async for chunk in response.aiter_raw():
-        collected += chunk
-        if len(collected) >= SNIPPET_BYTES:
-            break
-    return collected[:SNIPPET_BYTES].decode(errors="replace")

@@ -30,7 +30,8 @@ from starlette.applications import Starlette
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.models import EndpointSpec
-from gateway.webhooks.guard import BlockedAddress, GuardedTransport, parse_networks
+from gateway.webhooks.client import WebhookClient
+from gateway.webhooks.guard import BlockedAddress, parse_networks
 from tests.conftest import ADMIN_TOKEN, BASE_URL, SECRET_KEY, continue_path
 from tests.receivers import Received, Receiver, Reply, poll_until
 
@@ -694,13 +695,12 @@ async def test_40_racing_terminal_callbacks_deliver_one_terminal_event_per_endpo
 # --- the private-address guard at connect time ------------------------------------------------
 
 
-async def test_guarded_transport_dials_loopback_only_when_allowed(
+async def test_the_webhook_client_dials_loopback_only_when_allowed(
     receivers: Receivers,
 ) -> None:
     """The connect-time guard refuses a listening loopback server reached by name (localhost),
     by literal and by disguised or IPv4-mapped forms, and reaches it once 127.0.0.0/8 is open."""
     hook = receivers()
-    limits = httpx.Limits(max_connections=4)
     targets = [
         f"http://localhost:{hook.port}/x",
         f"http://127.0.0.1:{hook.port}/x",
@@ -708,15 +708,20 @@ async def test_guarded_transport_dials_loopback_only_when_allowed(
         f"http://2130706433:{hook.port}/x",
         f"http://[::ffff:127.0.0.1]:{hook.port}/x",
     ]
-    async with httpx.AsyncClient(transport=GuardedTransport((), limits)) as guarded:
+    guarded = WebhookClient((), max_idle=4)
+    try:
         for url in targets:
             with pytest.raises(BlockedAddress):
-                await guarded.post(url, content=b"{}")
+                await guarded.post(url, {}, b"{}", 1024)
+    finally:
+        await guarded.aclose()
     assert hook.received == []
-    allow = parse_networks(LOOPBACK)
-    async with httpx.AsyncClient(transport=GuardedTransport(allow, limits)) as opened:
-        response = await opened.post(f"http://localhost:{hook.port}/x", content=b"{}")
-    assert response.status_code == 200
+    opened = WebhookClient(parse_networks(LOOPBACK), max_idle=4)
+    try:
+        answer = await opened.post(f"http://localhost:{hook.port}/x", {}, b"{}", 1024)
+    finally:
+        await opened.aclose()
+    assert answer.status_code == 200
     assert [r.path for r in hook.received] == ["/x"]
 
 
