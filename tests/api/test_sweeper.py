@@ -4,6 +4,7 @@ each once, the earliest deciding the failure reason."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from gateway.clock import ManualClock, rfc3339
 from gateway.config import DEFAULT_CALLBACK_TIMEOUT_S, Settings
 from gateway.metrics import Metrics
 from gateway.sweeper import Sweeper
-from tests.conftest import ADMIN_TOKEN, BASE_URL, continue_path, create_job, sweep
+from tests.conftest import ADMIN_TOKEN, BASE_URL, continue_path, create_job, read_db, sweep
 
 
 async def fetch_job(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
@@ -286,3 +287,46 @@ async def test_deadline_passed_while_down_fires_in_the_first_sweep_after_start(
             transport=transport, base_url=BASE_URL, headers=headers
         ) as http:
             await assert_failed(http, job["id"], "callback_timeout")
+
+
+async def test_swept_jobs_get_the_webhook_messages_of_their_subscribers(
+    client: httpx.AsyncClient, app: Starlette, settings: Settings, clock: ManualClock
+) -> None:
+    """A job failed by the sweep gets one message per subscribed event (its own
+    state_webhook_url, an explicit subscription to job.failed): the job as GET shows it with
+    its previous state and sequence, one delivery per endpoint; an unsubscribed event is only
+    logged. Jobs of one sweep whose earliest clocks differ get their own reasons."""
+    hook = await client.post(
+        "/api/v1/webhooks", json={"url": "https://hooks.example.com/all", "events": ["job.failed"]}
+    )
+    assert hook.status_code == 201, hook.text
+    own = await create_job(
+        client, callback_timeout_s=10, state_webhook_url="https://hooks.example.com/own"
+    )
+    plain = await create_job(client, heartbeat_timeout_s=5, callback_timeout_s=3600)
+    clock.advance(20)
+    assert await sweep(app) == 2
+    reasons = {own["id"]: "callback_timeout", plain["id"]: "heartbeat_timeout"}
+    for job_id, reason in reasons.items():
+        stored = await assert_failed(client, job_id, reason)
+        [(body,)] = read_db(
+            settings,
+            "SELECT body FROM webhook_messages WHERE job_id = ? AND event_type = ?",
+            job_id,
+            "job.failed",
+        )
+        message = json.loads(bytes(body))
+        assert message["type"] == "job.failed"
+        assert message["data"] == {**stored, "previous_state": "pending", "sequence": 2}
+        [(message_id,)] = read_db(
+            settings, "SELECT message_id FROM event_log WHERE job_id = ? AND sequence = 2", job_id
+        )
+        assert message_id == f"job_{job_id}_2"
+    own_deliveries = read_db(
+        settings, "SELECT count(*) FROM webhook_deliveries WHERE job_id = ?", own["id"]
+    )
+    plain_deliveries = read_db(
+        settings, "SELECT count(*) FROM webhook_deliveries WHERE job_id = ?", plain["id"]
+    )
+    # own: job.pending and job.failed to its own URL, job.failed to the subscription
+    assert (own_deliveries[0][0], plain_deliveries[0][0]) == (3, 1)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
+
+import msgspec
 
 from gateway.errors import (
     AlreadyFinal,
@@ -17,7 +21,17 @@ from gateway.errors import (
 )
 from gateway.models import ContinueCall, Job, JobEvent, JobSpec, Page
 from gateway.pipelines import downstream
-from gateway.states import Change, FailureReason, Flavor, State, Trigger, advance
+from gateway.states import (
+    Change,
+    Deadlines,
+    FailureReason,
+    Flavor,
+    Kind,
+    Lifecycle,
+    State,
+    Trigger,
+    advance,
+)
 from gateway.store.base import (
     ContinueOutcome,
     ContinueResult,
@@ -31,13 +45,10 @@ from gateway.store.verbs.connection import Connection
 from gateway.store.verbs.tx import (
     INSERT_EVENT,
     SELECT_JOB,
-    UPDATE_TRANSITION,
     Loaded,
     Tx,
-    event_params,
     job_event,
     load_job,
-    transition_params,
 )
 
 UNKNOWN_TOKEN = "unknown continue token"
@@ -300,48 +311,160 @@ def touch_continue(tx: Tx, token_hash: bytes, trigger: Trigger, log: bytes | Non
     return Transition(job=touched.job, changes=tx.changes())
 
 
+# What the sweep reads of a due job: what the DEADLINE trigger and the outbox need. The clocks
+# come in the order of Deadlines' fields, which is also their tie-break order.
+_CLOCKS = tuple(field.name for field in dataclasses.fields(Deadlines))
+_DUE = (
+    "SELECT id, pipeline_id, kind, is_async, state, event_sequence, deadline_at, spec, "
+    + ", ".join(f"{clock}_deadline_at" for clock in _CLOCKS)
+    + " FROM jobs WHERE deadline_at <= ? ORDER BY deadline_at LIMIT ?"
+)
+# UPDATE_TRANSITION for a plain failure (terminal, every clock cleared, no timestamp but
+# finished_at), compare-and-set the same way.
+_FAIL = (
+    "UPDATE jobs SET state = ?, failure_reason = ?, finished_at = ?,"
+    + "".join(f" {clock}_deadline_at = NULL," for clock in _CLOCKS)
+    + " deadline_at = NULL, event_sequence = ? WHERE id = ? AND state = ? AND event_sequence = ?"
+)
+
+
+class _SweptSpec(msgspec.Struct):
+    """The one field of a job's spec the sweep needs (whether the job has its own webhook)."""
+
+    state_webhook_url: str | None = None
+
+
+_SWEPT_SPEC = msgspec.json.Decoder(_SweptSpec)
+
+
+class _PlainFailures:
+    """What the DEADLINE trigger does to jobs of one shape (kind, async, state, and which of
+    their clocks fired first), asked of the state machine once per shape and batch.
+
+    A failure is the same for every job of a shape: the fired clock names the reason and a
+    terminal state keeps no clock. So each shape's change is computed by `advance` on a job
+    of that shape whose only clock is the fired one, and reused only when it is such a plain
+    failure; a requeue (an unconfirmed hand-out) keeps the job's other clocks, so those jobs
+    take the full path."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+        self._changes: dict[tuple[str, int, str, int], Change | None] = {}
+
+    def get(self, kind: str, is_async: int, state: str, clock: int) -> Change | None:
+        key = (kind, is_async, state, clock)
+        if key not in self._changes:
+            self._changes[key] = self._ask(*key)
+        return self._changes[key]
+
+    def _ask(self, kind: str, is_async: int, state: str, clock: int) -> Change | None:
+        tx = self._tx
+        lifecycle = Lifecycle(
+            kind=Kind(kind),
+            is_async=bool(is_async),
+            state=State(state),
+            deadlines=Deadlines(**{_CLOCKS[clock]: tx.now}),
+            confirm_timeout_s=tx.policy.confirm_timeout_s,
+            runner_timeout_s=tx.policy.runner_timeout_s,
+        )
+        change = advance(lifecycle, Trigger.DEADLINE, tx.now)
+        plain = (
+            change.state.terminal
+            and change.failure_reason is not None
+            and change.deadlines == Deadlines()
+            and change.sets_finished_at
+            and not (change.sets_started_at or change.sets_parked_at or change.requeued)
+        )
+        return change if plain else None
+
+
 def expire_overdue(tx: Tx, limit: int) -> Sweep:
-    """Fire due deadlines in one batch. Failures are written with executemany; a requeue (a
-    hand-out nobody confirmed) goes through `Tx.write`, which revokes its credentials."""
-    rows = tx.conn.execute(
-        f"{SELECT_JOB} WHERE deadline_at <= ? ORDER BY deadline_at LIMIT ?"
-        + tx.dialect.skip_locked(),
-        (tx.now, limit),
-    ).fetchall()
+    """Fire due deadlines in one batch, earliest first. Jobs that just fail are read by the
+    columns the state machine and the outbox need, updated with one executemany and their
+    events inserted a few hundred per statement; their webhook message (only for a subscribed
+    job) is rendered from the row read back. Anything else (a requeue, a row whose clocks
+    disagree with its `deadline_at`) goes through `Tx.write` on the full row."""
+    rows = tx.conn.execute(_DUE + tx.dialect.skip_locked(), (tx.now, limit)).fetchall()
     if not rows:
         return Sweep(changes=tx.changes(), fired=0, oldest_deadline_at=None)
-    updates, inserts = [], []
-    changed: dict[str, tuple[Job, Change]] = {}
-    oldest = None
+    plain = _PlainFailures(tx)
+    updates, inserts, swept = [], [], []
     for row in rows:
-        loaded = load_job(row)
-        if oldest is None:
-            oldest = loaded.job.deadline_at
-        change = advance(tx.lifecycle(loaded.job), Trigger.DEADLINE, tx.now)
-        if change.requeued:
-            tx.write(loaded, change, "deadline")
+        job_id, pipeline_id, kind, is_async, state, sequence, due_at, spec = row[:8]
+        clocks = row[8:]
+        change = (
+            plain.get(kind, is_async, state, clocks.index(due_at)) if due_at in clocks else None
+        )
+        if change is None:
+            loaded = tx.job(job_id)
+            tx.write(
+                loaded, advance(tx.lifecycle(loaded.job), Trigger.DEADLINE, tx.now), "deadline"
+            )
             continue
-        changed[loaded.job.id] = (loaded.job, change)
-        updates.append(transition_params(loaded, change, tx.now))
-        inserts.append(event_params(loaded, change, "deadline", tx.now))
-        if loaded.job.pipeline_id is not None:
-            tx.touch_pipeline(loaded.job.pipeline_id)
+        assert change.failure_reason is not None
+        reason = change.failure_reason.value
+        updates.append((change.state.value, reason, tx.now, sequence + 1, job_id, state, sequence))
+        inserts.append(
+            (job_id, sequence + 1, change.state.value, state, reason, "deadline", tx.now)
+        )
+        own_url = bool(_SWEPT_SPEC.decode(spec).state_webhook_url)
+        swept.append((change, pipeline_id, own_url))
+        if pipeline_id is not None:
+            tx.touch_pipeline(pipeline_id)
     if updates:
-        cursor = tx.conn.executemany(UPDATE_TRANSITION, updates)
+        cursor = tx.conn.executemany(_FAIL, updates)
         if cursor.rowcount != len(updates):
             raise ConcurrentChange("a due job changed concurrently; the sweep retries")
-        tx.record_swept(_insert_events(tx, inserts), changed)
+        _record_swept(tx, inserts, _insert_events(tx, inserts), swept)
     tx.settle()
-    return Sweep(changes=tx.changes(), fired=len(rows), oldest_deadline_at=oldest)
+    return Sweep(changes=tx.changes(), fired=len(rows), oldest_deadline_at=rows[0][6])
+
+
+def _record_swept(
+    tx: Tx,
+    inserts: list[tuple[Any, ...]],
+    event_ids: list[int],
+    swept: list[tuple[Change, str | None, bool]],
+) -> None:
+    """The events of the jobs failed in bulk: reported, logged, and queued for the endpoints
+    that want them (each message rendered from its job read back, now that it is written)."""
+    events = tx.events
+    outbox = tx.outbox
+    for event_id, params, (change, pipeline_id, own_url) in zip(
+        event_ids, inserts, swept, strict=True
+    ):
+        job_id, sequence, _, _, _, cause, at = params
+        event = JobEvent(
+            id=event_id,
+            job_id=job_id,
+            sequence=sequence,
+            state=change.state,
+            previous_state=change.previous_state,
+            failure_reason=change.failure_reason,
+            cause=cause,
+            at=at,
+        )
+        events.append(event)
+        outbox.job_event_of(
+            event,
+            pipeline_id,
+            own_url,
+            functools.partial(_read_back, tx, job_id),
+            tx.pipeline_has_url,
+        )
+
+
+def _read_back(tx: Tx, job_id: str) -> Job:
+    return tx.job(job_id).job
 
 
 _EVENTS_PER_INSERT = 500  # rows per multi-row INSERT (7 parameters each)
 
 
-def _insert_events(tx: Tx, inserts: list[tuple[Any, ...]]) -> list[JobEvent]:
-    """Insert the events (one per job) a few hundred rows per statement; their ids come back
-    with RETURNING, matched by job id (the order of RETURNING rows is not guaranteed)."""
-    events = []
+def _insert_events(tx: Tx, inserts: list[tuple[Any, ...]]) -> list[int]:
+    """Insert the events (one per job) a few hundred rows per statement; their ids, in the
+    order of `inserts` (RETURNING rows come in no guaranteed order: matched by job id)."""
+    event_ids: list[int] = []
     columns = INSERT_EVENT.split(" VALUES ", 1)[0]
     for start in range(0, len(inserts), _EVENTS_PER_INSERT):
         chunk = inserts[start : start + _EVENTS_PER_INSERT]
@@ -351,5 +474,5 @@ def _insert_events(tx: Tx, inserts: list[tuple[Any, ...]]) -> list[JobEvent]:
             [value for params in chunk for value in params],
         ).fetchall()
         ids = {job_id: event_id for event_id, job_id in rows}
-        events += [job_event(ids[params[0]], params) for params in chunk]
-    return events
+        event_ids += [ids[params[0]] for params in chunk]
+    return event_ids

@@ -96,9 +96,21 @@ class Outbox:
         self.deliveries = 0
         self.logged = 0
         self._log_rows: list[tuple[Any, ...]] = []
+        self._explicit: dict[tuple[str, str | None], list[Target]] = {}
 
-    def _explicit_targets(self) -> list[Target]:
-        return self.endpoints.targets(self._conn)
+    def _explicit_targets(self, event_type: str, pipeline_id: str | None) -> list[Target]:
+        """The explicit endpoints that want `event_type` of a job in `pipeline_id` (matched
+        once per transaction: a sweep logs thousands of events of one type)."""
+        key = (event_type, pipeline_id)
+        found = self._explicit.get(key)
+        if found is None:
+            found = self._explicit[key] = [
+                t
+                for t in self.endpoints.targets(self._conn)
+                if (t.pipeline_id is None or t.pipeline_id == pipeline_id)
+                and wire.matches(t.patterns, event_type)
+            ]
+        return found
 
     def _owned(self, column: str, owner_id: str) -> list[Target]:
         rows = self._conn.execute(
@@ -111,14 +123,11 @@ class Outbox:
     def _targets(
         self, event_type: str, pipeline_id: str | None, owners: list[tuple[str, str]]
     ) -> list[Target]:
-        found = [
-            t
-            for t in self._explicit_targets()
-            if t.pipeline_id is None or t.pipeline_id == pipeline_id
-        ]
+        found = self._explicit_targets(event_type, pipeline_id)
         for column, owner_id in owners:
-            found += self._owned(column, owner_id)
-        return [t for t in found if wire.matches(t.patterns, event_type)]
+            owned = self._owned(column, owner_id)
+            found = found + [t for t in owned if wire.matches(t.patterns, event_type)]
+        return found
 
     def job_event(
         self,
@@ -130,28 +139,43 @@ class Outbox:
         """Log `event` of `job` (only its id, spec and pipeline are read: they never change)
         and, when an endpoint wants it, freeze its webhook message from `after()`, the job as
         the event left it, and queue one delivery per endpoint."""
+        own_url = bool(job.spec.state_webhook_url)
+        self.job_event_of(event, job.pipeline_id, own_url, after, pipeline_has_url)
+
+    def job_event_of(
+        self,
+        event: JobEvent,
+        pipeline_id: str | None,
+        own_url: bool,
+        after: Callable[[], Job],
+        pipeline_has_url: Callable[[str], bool],
+    ) -> None:
+        """`job_event` for a job known by its event, its pipeline and whether it has a
+        `state_webhook_url` (`own_url`): the sweep fails jobs without loading them, and
+        `after()` is called only when a message is written."""
+        job_id = event.job_id
         event_type = f"job.{event.state.value}"
         owners: list[tuple[str, str]] = []
-        if job.spec.state_webhook_url:
-            owners.append(("owner_job_id", job.id))
-        if job.pipeline_id is not None and pipeline_has_url(job.pipeline_id):
-            owners.append(("owner_pipeline_id", job.pipeline_id))
-        targets = self._targets(event_type, job.pipeline_id, owners)
-        message_id = wire.message_id("job", job.id, event.sequence)
+        if own_url:
+            owners.append(("owner_job_id", job_id))
+        if pipeline_id is not None and pipeline_has_url(pipeline_id):
+            owners.append(("owner_pipeline_id", pipeline_id))
+        targets = self._targets(event_type, pipeline_id, owners)
+        message_id = wire.message_id("job", job_id, event.sequence)
         if targets:
             snapshot = after()
             data = job_event_data(snapshot, event.previous_state, event.sequence)
             if event.state.terminal and snapshot.artifacts:
                 data["artifacts"] = self._terminal_artifacts(snapshot)
             body = wire.body(event_type, event.at, data)
-            self._write(message_id, event_type, body, targets, job.id, job.pipeline_id)
+            self._write(message_id, event_type, body, targets, job_id, pipeline_id)
         self._log(
             "job",
-            job.id,
+            job_id,
             event.sequence,
             event_type,
-            job.id,
-            job.pipeline_id,
+            job_id,
+            pipeline_id,
             message_id if targets else None,
             event.at,
         )

@@ -10,7 +10,6 @@ ConcurrentChange, and the store runs the verb again.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -376,15 +375,6 @@ class Tx:
         event = job_event(event_id, params)
         self.events.append(event)
         self.outbox.job_event(event, after, lambda: after, self.pipeline_has_url)
-
-    def record_swept(self, events: list[JobEvent], changed: dict[str, tuple[Job, Change]]) -> None:
-        """Log and queue the events the sweep wrote in bulk (`changed`: each job before its
-        change, and the change)."""
-        self.events.extend(events)
-        for event in events:
-            before, change = changed[event.job_id]
-            after = functools.partial(changed_job, before, change, self.now)
-            self.outbox.job_event(event, before, after, self.pipeline_has_url)
 
     def pipeline_has_url(self, pipeline_id: str) -> bool:
         """Whether a pipeline has a state_webhook_url (read once per transaction)."""
