@@ -76,7 +76,9 @@ class WakeUp:
     """Wakes every long poll waiting for work; fired after a commit that made a job pending.
 
     Each notify sets the current event and replaces it, so a waiter never misses a notify that
-    came after it started waiting, and old waiters are all released together."""
+    came after it took its ticket, and old waiters are all released together. A long poll takes
+    its ticket before it looks at the queue: a job made pending while the look is in flight
+    then wakes it at once."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
@@ -91,9 +93,14 @@ class WakeUp:
         self.closed = True
         self.notify()
 
-    async def wait(self, timeout_s: float) -> bool:
-        """True when woken, False when `timeout_s` passed first."""
-        event = self._event
+    def ticket(self) -> asyncio.Event:
+        """What the next notify sets: take it before looking for work, then `wait` on it."""
+        return self._event
+
+    async def wait(self, timeout_s: float, ticket: asyncio.Event | None = None) -> bool:
+        """True when woken (since `ticket` was taken; default: now), False when `timeout_s`
+        passed first."""
+        event = self._event if ticket is None else ticket
         try:
             await asyncio.wait_for(event.wait(), timeout=timeout_s)
         except TimeoutError:

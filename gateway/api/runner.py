@@ -131,6 +131,7 @@ async def request_job(request: Request) -> Response:
             # would sit unconfirmed until GATEWAY_CONFIRM_TIMEOUT_S.
             return Response(status_code=204)
         job_token = new_job_token()
+        ticket = ctx.wakeup.ticket()  # a job made pending during the look still wakes us
         handout = await ctx.store.claim_job(
             runner, token_hash(job_token), ctx.tokens, ctx.clock.now()
         )
@@ -139,7 +140,7 @@ async def request_job(request: Request) -> Response:
         remaining = loop_deadline - loop.time()
         if remaining <= 0 or ctx.wakeup.closed:
             return Response(status_code=204)
-        await ctx.wakeup.wait(min(remaining, LONG_POLL_RECHECK_S))
+        await ctx.wakeup.wait(min(remaining, LONG_POLL_RECHECK_S), ticket)
 
 
 def _handout_response(ctx: Context, handout: HandOut, job_token: str) -> Response:
