@@ -223,8 +223,11 @@ class Load:
                 work = self.run_staller(token, stall_on)
             self.runners.append(asyncio.ensure_future(self.guarded(work)))
 
-    async def long_poll(self, token: str, replica: int) -> tuple[dict[str, Any] | None, int]:
-        """One `jobs/request` on `replica` (another live one once it is dead)."""
+    async def long_poll(
+        self, token: str, replica: int
+    ) -> tuple[tuple[dict[str, Any], Handout] | None, int]:
+        """One `jobs/request` on `replica` (another live one once it is dead): the hand-out
+        and its record, or None; and the replica asked."""
         if not self.cluster.gateways[replica].alive():
             replica = self.rng.choice(self.live())
         try:
@@ -244,27 +247,25 @@ class Load:
             self.ledger.surprise("jobs/request", response)
             return None, replica
         body: dict[str, Any] = response.json()
-        self.ledger.handouts.append(
-            Handout(body["id"], body["attempt"], body["token"], replica, time.monotonic())
-        )
-        return body, replica
+        record = Handout(body["id"], body["attempt"], body["token"], replica, time.monotonic())
+        self.ledger.handouts.append(record)
+        return (body, record), replica
 
     async def run_runner(self, token: str, home: int) -> None:
         replica = home
         while True:
-            handout, replica = await self.long_poll(token, replica)
-            if handout is not None:
-                await self.run_job(handout)
+            got, replica = await self.long_poll(token, replica)
+            if got is not None:
+                await self.run_job(*got)
 
     async def run_staller(self, token: str, replica: int) -> None:
-        handout = None
-        while handout is None:
-            handout, _ = await self.long_poll(token, replica)
-        self.ledger.stalled.append(self.ledger.handouts[-1])
+        got = None
+        while got is None:
+            got, _ = await self.long_poll(token, replica)
+        self.ledger.stalled.append(got[1])
 
-    async def run_job(self, handout: dict[str, Any]) -> None:
+    async def run_job(self, handout: dict[str, Any], record: Handout) -> None:
         """Confirm, append a trace line, report the exit the job's variables ask for."""
-        record = next(h for h in reversed(self.ledger.handouts) if h.token == handout["token"])
         job_id = handout["id"]
         path = f"/api/v1/runner/jobs/{job_id}"
         headers = {"Job-Token": handout["token"]}
