@@ -16,10 +16,12 @@ Run: `.venv/bin/python bench/chaos.py [--db sqlite|postgresql://...] [--replicas
   a callback) and retry. One `*` subscription, and `state_webhook_url` on some jobs and
   pipelines, point at two loopback receivers (their own processes) that answer 500 now and then.
 - A killer SIGKILLs a server (on PostgreSQL now and then both) after a random pause, `--kills`
-  times, and starts it again. Clients ride through: a request refused at connect is re-sent to
-  a live replica; a request whose answer was lost is re-sent when it is idempotent (continue
-  calls keep their body and `Idempotency-Key`; runner calls are keepalives, offset-checked trace
-  appends, exit reports), else its outcome is **unknown** (never "failed").
+  times, and starts it again; one restart in five is killed too, at a random moment of its
+  start-up (counted apart, as `startup_kills`). Clients ride through: a request refused at
+  connect is re-sent to a live replica; a request whose answer was lost is re-sent when it is
+  idempotent (continue calls keep their body and `Idempotency-Key`; runner calls are
+  keepalives, offset-checked trace appends, exit reports), else its outcome is **unknown**
+  (never "failed").
 - Then the load stops, runners drain the queue, every short deadline fires, and every delivery
   ends (all within a deadline). The audit reads the database directly (sqlite3 / asyncpg) and
   through the API, and the receivers' records:
@@ -61,7 +63,9 @@ import hashlib
 import hmac
 import itertools
 import json
+import os
 import random
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -79,7 +83,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import Cluster, Receiver, describe_checkout, postgres_database  # noqa: E402
+from bench.harness import (  # noqa: E402
+    Cluster,
+    HarnessError,
+    Receiver,
+    describe_checkout,
+    postgres_database,
+)
 from gateway.store.postgres.bridge import to_postgres  # noqa: E402
 
 TERMINAL = frozenset({"success", "failed", "canceled", "skipped"})
@@ -88,6 +98,7 @@ REQUEST_TIMEOUT_S = 10.0
 RECEIVER_FAIL_RATE = 0.05
 DROP_HANDOUT_P = 0.05  # a runner that takes a job and never confirms it
 VANISH_P = 0.03  # a runner that confirms and goes silent (runner_system_failure)
+STARTUP_KILL_P = 0.2  # a restart that is killed too, at a random moment of its start
 
 
 @dataclass(frozen=True)
@@ -696,12 +707,17 @@ class Load:
 
 @dataclass
 class Killer:
+    """Kills `kills` times at random moments and starts the victims again. Now and then a
+    start is killed too, before or just after it got ready (`startup_kills`, not counted in
+    `done`): a start must survive being cut anywhere."""
+
     cluster: Cluster
     gateways: Gateways
     kills: int
     gap_s: float
     seed: int
     done: int = 0
+    startup_kills: int = 0
     restart_s: list[float] = field(default_factory=list)
 
     async def run(self) -> None:
@@ -719,9 +735,46 @@ class Killer:
                 self.done += 1
             for index in victims:
                 started = time.monotonic()
-                gateway = await asyncio.to_thread(self.cluster.restart, index)
+                url = await self.restart(index, rng)
                 self.restart_s.append(time.monotonic() - started)
-                self.gateways.up(index, gateway.url)
+                self.gateways.up(index, url)
+
+    async def restart(self, index: int, rng: random.Random) -> str:
+        while True:
+            starting = asyncio.create_task(asyncio.to_thread(self.cluster.restart, index))
+            killed: set[int] = set()
+            if rng.random() < STARTUP_KILL_P:
+                await asyncio.sleep(rng.uniform(0.05, 1.5))  # a random moment of the start
+                running = {g.process.pid for g in self.cluster.gateways}
+                for pid in serving_children() - running:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.add(pid)
+                self.startup_kills += len(killed)
+            try:
+                gateway = await starting
+            except HarnessError:
+                continue  # killed before it was ready: start it again
+            if gateway.process.pid not in killed:
+                return gateway.url
+            await asyncio.to_thread(gateway.kill)  # killed once ready: reap, start again
+
+
+def serving_children() -> set[int]:
+    """Processes of `gateway serve` that this process started (through the harness)."""
+    found = set()
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if parent == me and b"serve" in command and b"gateway" in command:
+            found.add(int(entry.name))
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -1242,6 +1295,7 @@ async def chaos(
         job_receiver.stop()
     figures.update(
         kills=killer.done,
+        startup_kills=killer.startup_kills,
         restart_s_max=round(max(killer.restart_s, default=0.0), 2),
         chaos_s=round(chaos_s, 1),
         drain_s=round(drain_s, 1),
@@ -1281,6 +1335,17 @@ def print_report(options: Options, books: Books, figures: dict[str, Any]) -> Non
 
 
 @contextlib.contextmanager
+def work_dir(keep: Path | None) -> Iterator[Path]:
+    """`keep` (made if needed, left behind), else a temporary directory."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="gateway-chaos-") as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
 def store(options: Options) -> Iterator[str | None]:
     """None for SQLite, else the DSN of a fresh database on the server `--db` names."""
     if options.db == "sqlite":
@@ -1300,6 +1365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="a short, lighter load")
     parser.add_argument("--json", dest="json_path", type=Path)
+    parser.add_argument("--keep", type=Path, help="keep logs and receiver records in this dir")
     args = parser.parse_args(argv)
     if args.db != "sqlite" and not args.db.startswith(("postgresql://", "postgres://")):
         parser.error("--db is sqlite or a postgresql:// DSN")
@@ -1320,8 +1386,7 @@ def main(argv: list[str] | None = None) -> int:
         f" seed {options.seed}{', quick' if options.quick else ''}"
     )
     books = Books()
-    with tempfile.TemporaryDirectory(prefix="gateway-chaos-") as tmp, store(options) as dsn:
-        work = Path(tmp)
+    with work_dir(args.keep) as work, store(options) as dsn:
         db = dsn or f"sqlite:///{work / 'gateway.sqlite3'}"
         with Cluster(work, replicas=replicas, db=db, env=GATEWAY_ENV) as cluster:
             figures = asyncio.run(chaos(options, cluster, work, dsn, books))
