@@ -24,9 +24,11 @@ quick check.
    handed out once and is `success`, no job has more than one terminal event.
 
 Goals (the exit code is non-zero when one is missed or the audit fails): no errors (any
-unexpected status, transport error, timeout or duplicate hand-out), the schedule kept (p99
-send lag), and RSS flat: VmRSS at the end within RSS_DRIFT of VmRSS after the warm-up
-(the first minute; half the run when it is shorter than two minutes).
+unexpected status, transport error, timeout, duplicate hand-out, or an operation not sent
+because MAX_IN_FLIGHT were outstanding), and RSS flat: VmRSS at the end within GOAL_RSS_DRIFT
+of VmRSS after the warm-up (the first minute; half the run when it is shorter than two
+minutes). How late the load generator sent behind its schedule is reported (a starved load
+generator shows there, and in the latencies, which count from the due time).
 
 Everything talks to 127.0.0.1 only; every wait is bounded by a deadline.
 """
@@ -84,7 +86,7 @@ RSS_SAMPLE_S = 5.0
 START_DELAY_S = 0.5
 
 GOAL_RSS_DRIFT = 0.10
-GOAL_LAG_P99_MS = 100.0
+WARN_LAG_P99_MS = 50.0
 
 KINDS = ("callback", "create", "hand-out", "confirm", "exit")
 EXPECTED = {"callback": 200, "create": 201, "hand-out": 201, "confirm": 200, "exit": 200}
@@ -336,6 +338,7 @@ class Soak:
         self.created: set[str] = set()  # names answered 201
         self.handed_out: set[str] = set()
         self.finished: set[str] = set()
+        self.sent: Counter[str] = Counter()  # requests written, answered or not
         self.schedules_done = False
         self.rss_samples: list[tuple[float, float]] = []
         self.t0 = 0.0
@@ -371,6 +374,7 @@ class Soak:
         timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> tuple[int, bytes] | None:
         """One request; a transport error or timeout is recorded as an error (None)."""
+        self.sent[kind] += 1
         try:
             return await http.request(method, path, body, headers, timeout_s=timeout_s)
         except TimeoutError:
@@ -719,29 +723,27 @@ def run_audit(db: str | None, data_dir: Path, prepared: Prepared) -> dict[str, i
 
 
 def check_audit(audit: dict[str, int], figures: Figures, soak: Soak) -> None:
-    """Every accepted call is reflected in the database, and nothing else changed."""
+    """Every accepted call is reflected in the database, and nothing else changed. A call sent
+    but not answered (an error already) may or may not have been applied."""
+
+    def between(name: str, low: int, high: int, what: str) -> None:
+        fail_if(
+            not low <= audit[name] <= high,
+            f"{audit[name]} {what}, expected {low} (answered) to {high} (sent)",
+        )
+
     accepted = figures.outcomes.get("callback 200", 0)
+    between("callable_success", accepted, soak.sent["callback"], "callable jobs are success")
     fail_if(
-        audit["callable_success"] != accepted,
-        f"{accepted} callbacks answered 200 but {audit['callable_success']} jobs are success",
-    )
-    callable_total = len(soak.prepared.continue_paths)
-    fail_if(
-        audit["callable_success"] + audit["callable_pending"] != callable_total,
+        audit["callable_success"] + audit["callable_pending"] != len(soak.prepared.continue_paths),
         "a callable parked job is neither success nor still pending",
     )
     fail_if(
         audit["idle_pending"] != figures.parked,
         f"{figures.parked - audit['idle_pending']} idle parked jobs are no longer pending",
     )
-    fail_if(
-        audit["script_jobs"] != len(soak.created),
-        f"{len(soak.created)} script jobs were created (201) but {audit['script_jobs']} exist",
-    )
-    fail_if(
-        audit["script_success"] != len(soak.finished),
-        f"{len(soak.finished)} exits answered 200 but {audit['script_success']} jobs are success",
-    )
+    between("script_jobs", len(soak.created), soak.sent["create"], "script jobs exist")
+    between("script_success", len(soak.finished), soak.sent["exit"], "script jobs are success")
     fail_if(audit["jobs_with_two_terminal_events"] != 0, "a job has two terminal events")
     fail_if(
         audit["terminal_events"] != audit["terminal_jobs"],
@@ -778,11 +780,9 @@ def summary(figures: Figures) -> list[tuple[str, str, str, str]]:
             f"{figures.p50_ms[kind]:.1f} / {figures.p99_ms[kind]:.1f}"
             f" / {figures.max_ms[kind]:.1f} ms",
         )
-    goal(
-        "schedule kept: send lag p99 (max)",
+    info(
+        "send lag behind the schedule p99 (max)",
         f"{figures.lag_p99_ms:.1f} ms ({figures.lag_max_ms:.0f} ms)",
-        f"<= {GOAL_LAG_P99_MS:.0f} ms",
-        figures.lag_p99_ms <= GOAL_LAG_P99_MS,
     )
     info("VmRSS idle before the load", f"{figures.rss_idle_mb:.1f} MB")
     info("VmRSS max sampled / VmHWM", f"{figures.rss_max_mb:.1f} / {figures.hwm_mb:.1f} MB")
@@ -804,11 +804,7 @@ def summary(figures: Figures) -> list[tuple[str, str, str, str]]:
 
 
 def goals_met(figures: Figures) -> bool:
-    return (
-        figures.errors == 0
-        and figures.lag_p99_ms <= GOAL_LAG_P99_MS
-        and abs(figures.rss_drift) <= GOAL_RSS_DRIFT
-    )
+    return figures.errors == 0 and abs(figures.rss_drift) <= GOAL_RSS_DRIFT
 
 
 def print_table(rows: list[tuple[str, str, str, str]]) -> None:
@@ -908,6 +904,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench/soak.py: CHECK FAILED: {exc}", file=sys.stderr)
         return 1
     print_table(summary(figures))
+    if figures.lag_p99_ms > WARN_LAG_P99_MS:
+        print(
+            f"\nnote: the load generator sent late (p99 {figures.lag_p99_ms:.0f} ms behind its"
+            " schedule: it was short of CPU); latencies count from the due time, so they include"
+            " that lag"
+        )
     if figures.error_samples:
         print(f"\nfirst errors: {figures.error_samples}")
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
