@@ -9,8 +9,11 @@ followed by the dispatcher, so a public URL cannot bounce a delivery inside.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import select
 import socket
+import ssl
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -99,12 +102,90 @@ def refusal(url: str, allow: Sequence[IPNetwork]) -> str | None:
     return None
 
 
+def _has_input(sock: Any) -> bool:
+    """Whether the socket has bytes or an EOF waiting (a gone socket counts as EOF)."""
+    fd = -1 if sock is None else sock.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class _SocketStream(httpcore.AsyncNetworkStream):
+    """httpcore's network stream on asyncio's streams. httpcore's own (anyio) stream costs a
+    cancel scope and a checkpoint per read and write; timeouts are not needed here, the
+    dispatcher bounds each whole attempt."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        try:
+            return await self._reader.read(max_bytes)
+        except OSError as exc:
+            raise httpcore.ReadError(exc) from exc
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not buffer:
+            return
+        if self._writer.is_closing():
+            raise httpcore.WriteError("the connection is closed")
+        self._writer.write(buffer)
+        try:
+            await self._writer.drain()
+        except OSError as exc:
+            raise httpcore.WriteError(exc) from exc
+
+    async def aclose(self) -> None:
+        self._writer.close()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's signature
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except (OSError, ssl.SSLError) as exc:
+            self._writer.close()
+            raise httpcore.ConnectError(exc) from exc
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            # Idle, a connection has nothing to read: data or EOF means the peer closed it.
+            return self._reader.at_eof() or _has_input(self._writer.get_extra_info("socket"))
+        if info == "ssl_object":
+            return self._writer.get_extra_info("ssl_object")
+        if info == "client_addr":
+            return self._writer.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._writer.get_extra_info("peername")
+        if info == "socket":
+            return self._writer.get_extra_info("socket")
+        return None
+
+
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """Resolves the host itself and dials only addresses the guard allows."""
 
     def __init__(self, allow: Sequence[IPNetwork]) -> None:
         self._allow = tuple(allow)
-        self._inner = httpcore.AnyIOBackend()
+
+    async def _addresses(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            return [ipaddress.ip_address(host)]
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(exc) from exc
+        return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
     async def connect_tcp(
         self,
@@ -114,23 +195,21 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        import anyio
-
-        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-        allowed = [a for a in addresses if is_allowed(a, self._allow)]
+        """A stream to the first allowed address `host` resolves to that accepts; BlockedAddress
+        when none is allowed, httpcore.ConnectError when none accepts."""
+        allowed = [a for a in await self._addresses(host, port) if is_allowed(a, self._allow)]
         if not allowed:
             raise BlockedAddress(f"{host} resolves only to non-public addresses")
-        last: Exception | None = None
+        last: OSError | None = None
+        local = None if local_address is None else (local_address, 0)
         for address in allowed:
             try:
-                return await self._inner.connect_tcp(
-                    str(address), port, timeout, local_address, socket_options
-                )
-            except httpcore.ConnectError as exc:
+                reader, writer = await asyncio.open_connection(str(address), port, local_addr=local)
+            except OSError as exc:
                 last = exc
-        assert last is not None
-        raise last
+            else:
+                return _SocketStream(reader, writer)
+        raise httpcore.ConnectError(last)
 
     async def connect_unix_socket(
         self,
@@ -141,4 +220,4 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         raise BlockedAddress("unix sockets are not webhook destinations")
 
     async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+        await asyncio.sleep(seconds)
