@@ -20,17 +20,21 @@ from gateway.config import Settings
 from gateway.store.postgres import PostgresStore
 from tests.conftest import ADMIN_TOKEN, BASE_URL
 
+WEBHOOK_SECRET = "whsec_" + "A" * 43 + "="
 WAKE_LIMIT_S = 1.0  # the product's goal: within 1 s (the re-check would take LONG_POLL_RECHECK_S)
 
 
 @pytest.fixture
 async def replicas(settings: Settings, tmp_path: Path) -> AsyncIterator[list[Starlette]]:
-    """Two apps on the test's database, each with its own data dir and its own store."""
+    """Two apps on the test's database, each with its own data dir and its own store, and
+    the same secrets (as replicas must have)."""
     if settings.postgres_dsn is None:
         pytest.skip("one process owns an embedded SQLite database: no replicas to wake")
     apps = []
     for index in range(2):
-        own = replace(settings, data_dir=tmp_path / f"replica{index}")
+        own = replace(
+            settings, data_dir=tmp_path / f"replica{index}", webhook_secret=WEBHOOK_SECRET
+        )
         apps.append(create_app(own, run_sweeper=False, run_dispatcher=False))
     async with (
         apps[0].router.lifespan_context(apps[0]),
