@@ -9,6 +9,7 @@ transaction, so callbacks queue behind one batch at most, never behind the whole
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -62,9 +63,13 @@ class Sweeper:
             if sweep.oldest_deadline_at is not None and expired == 0:
                 lag = max(0.0, now - sweep.oldest_deadline_at)
             self._publish(sweep.changes)
-            for event in sweep.events:
-                if event.cause == "deadline" and event.failure_reason is not None:
-                    self._metrics.expired.labels(event.failure_reason.value).inc()
+            reasons = collections.Counter(
+                event.failure_reason
+                for event in sweep.events
+                if event.cause == "deadline" and event.failure_reason is not None
+            )
+            for reason, count in reasons.items():
+                self._metrics.expired.labels(reason.value).inc(count)
             expired += sweep.fired
             # A requeued hand-out may have another deadline already due (its queue timeout):
             # it fires in the next pass, not a sweep later, when a runner might take the job.

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -337,6 +338,20 @@ class _SweptSpec(msgspec.Struct):
 _SWEPT_SPEC = msgspec.json.Decoder(_SweptSpec)
 
 
+def own_webhook(spec: str) -> bool:
+    """Whether a job's spec (as stored) names a state_webhook_url."""
+    return bool(_SWEPT_SPEC.decode(spec).state_webhook_url)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A plain failure by deadline: the change, and its state and reason as stored."""
+
+    change: Change
+    state: str
+    reason: str
+
+
 class _PlainFailures:
     """What the DEADLINE trigger does to jobs of one shape (kind, async, state, and which of
     their clocks fired first), asked of the state machine once per shape and batch.
@@ -349,15 +364,18 @@ class _PlainFailures:
 
     def __init__(self, tx: Tx) -> None:
         self._tx = tx
-        self._changes: dict[tuple[str, int, str, int], Change | None] = {}
+        self._failures: dict[tuple[str, int, str, int], _Failure | None] = {}
 
-    def get(self, kind: str, is_async: int, state: str, clock: int) -> Change | None:
-        key = (kind, is_async, state, clock)
-        if key not in self._changes:
-            self._changes[key] = self._ask(*key)
-        return self._changes[key]
+    def get(self, shape: tuple[str, int, str, int]) -> _Failure | None:
+        """The failure of jobs of `shape` (kind, is_async, state, index of the fired clock in
+        Deadlines' fields); None when it is not a plain one."""
+        try:
+            return self._failures[shape]
+        except KeyError:
+            failure = self._failures[shape] = self._ask(*shape)
+            return failure
 
-    def _ask(self, kind: str, is_async: int, state: str, clock: int) -> Change | None:
+    def _ask(self, kind: str, is_async: int, state: str, clock: int) -> _Failure | None:
         tx = self._tx
         lifecycle = Lifecycle(
             kind=Kind(kind),
@@ -368,14 +386,17 @@ class _PlainFailures:
             runner_timeout_s=tx.policy.runner_timeout_s,
         )
         change = advance(lifecycle, Trigger.DEADLINE, tx.now)
-        plain = (
-            change.state.terminal
-            and change.failure_reason is not None
-            and change.deadlines == Deadlines()
-            and change.sets_finished_at
-            and not (change.sets_started_at or change.sets_parked_at or change.requeued)
-        )
-        return change if plain else None
+        if (
+            not change.state.terminal
+            or change.failure_reason is None
+            or change.deadlines != Deadlines()
+            or not change.sets_finished_at
+            or change.sets_started_at
+            or change.sets_parked_at
+            or change.requeued
+        ):
+            return None
+        return _Failure(change, change.state.value, change.failure_reason.value)
 
 
 def expire_overdue(tx: Tx, limit: int) -> Sweep:
@@ -388,27 +409,24 @@ def expire_overdue(tx: Tx, limit: int) -> Sweep:
     if not rows:
         return Sweep(changes=tx.changes(), fired=0, oldest_deadline_at=None)
     plain = _PlainFailures(tx)
+    now = tx.now
     updates, inserts, swept = [], [], []
     for row in rows:
         job_id, pipeline_id, kind, is_async, state, sequence, due_at, spec = row[:8]
         clocks = row[8:]
-        change = (
-            plain.get(kind, is_async, state, clocks.index(due_at)) if due_at in clocks else None
+        failure = (
+            plain.get((kind, is_async, state, clocks.index(due_at))) if due_at in clocks else None
         )
-        if change is None:
+        if failure is None:
             loaded = tx.job(job_id)
-            tx.write(
-                loaded, advance(tx.lifecycle(loaded.job), Trigger.DEADLINE, tx.now), "deadline"
-            )
+            tx.write(loaded, advance(tx.lifecycle(loaded.job), Trigger.DEADLINE, now), "deadline")
             continue
-        assert change.failure_reason is not None
-        reason = change.failure_reason.value
-        updates.append((change.state.value, reason, tx.now, sequence + 1, job_id, state, sequence))
+        next_sequence = sequence + 1
+        updates.append((failure.state, failure.reason, now, next_sequence, job_id, state, sequence))
         inserts.append(
-            (job_id, sequence + 1, change.state.value, state, reason, "deadline", tx.now)
+            (job_id, next_sequence, failure.state, state, failure.reason, "deadline", now)
         )
-        own_url = bool(_SWEPT_SPEC.decode(spec).state_webhook_url)
-        swept.append((change, pipeline_id, own_url))
+        swept.append((failure.change, pipeline_id, own_webhook(spec)))
         if pipeline_id is not None:
             tx.touch_pipeline(pipeline_id)
     if updates:
@@ -428,30 +446,27 @@ def _record_swept(
 ) -> None:
     """The events of the jobs failed in bulk: reported, logged, and queued for the endpoints
     that want them (each message rendered from its job read back, now that it is written)."""
-    events = tx.events
-    outbox = tx.outbox
-    for event_id, params, (change, pipeline_id, own_url) in zip(
-        event_ids, inserts, swept, strict=True
-    ):
-        job_id, sequence, _, _, _, cause, at = params
-        event = JobEvent(
-            id=event_id,
-            job_id=job_id,
-            sequence=sequence,
-            state=change.state,
-            previous_state=change.previous_state,
-            failure_reason=change.failure_reason,
-            cause=cause,
-            at=at,
-        )
-        events.append(event)
-        outbox.job_event_of(
-            event,
+    logged = [
+        (
+            JobEvent(
+                id=event_id,
+                job_id=params[0],
+                sequence=params[1],
+                state=change.state,
+                previous_state=change.previous_state,
+                failure_reason=change.failure_reason,
+                cause=params[5],
+                at=params[6],
+            ),
             pipeline_id,
             own_url,
-            functools.partial(_read_back, tx, job_id),
-            tx.pipeline_has_url,
         )
+        for event_id, params, (change, pipeline_id, own_url) in zip(
+            event_ids, inserts, swept, strict=True
+        )
+    ]
+    tx.events.extend(event for event, _, _ in logged)
+    tx.outbox.job_events_of(logged, functools.partial(_read_back, tx), tx.pipeline_has_url)
 
 
 def _read_back(tx: Tx, job_id: str) -> Job:

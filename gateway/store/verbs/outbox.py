@@ -10,9 +10,10 @@ the inline budget) or with an expiring signed URL, minted now and frozen into th
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +180,29 @@ class Outbox:
             message_id if targets else None,
             event.at,
         )
+
+    def job_events_of(
+        self,
+        swept: Iterable[tuple[JobEvent, str | None, bool]],
+        snapshot: Callable[[str], Job],
+        pipeline_has_url: Callable[[str], bool],
+    ) -> None:
+        """`job_event_of` for many events (each with its job's pipeline and `own_url`), with
+        `snapshot(job_id)` the job as its event left it: an event nobody can want (no own or
+        pipeline webhook, no explicit subscription) costs one buffered log row."""
+        event_types: dict[State, str] = {}
+        log = self._log_rows.append
+        for event, pipeline_id, own_url in swept:
+            event_type = event_types.get(event.state)
+            if event_type is None:
+                event_type = event_types[event.state] = f"job.{event.state.value}"
+            job_id = event.job_id
+            if own_url or pipeline_id is not None or self._explicit_targets(event_type, None):
+                after = functools.partial(snapshot, job_id)
+                self.job_event_of(event, pipeline_id, own_url, after, pipeline_has_url)
+            else:
+                log(("job", job_id, event.sequence, event_type, job_id, None, None, event.at))
+                self.logged += 1
 
     def _terminal_artifacts(self, job: Job) -> list[dict[str, Any]]:
         """Every artifact's metadata; the smallest ones, while their total stays within the
