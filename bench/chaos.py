@@ -352,7 +352,13 @@ class Load:
         key = first.key if same_key else None
         again = await self.terminal_call(job, first.token, first.body, key)
         answered = first.status in (200, 202) and again.status is not None
-        if answered and (again.status, again.answer) != (first.status, first.answer):
+        ended_meanwhile = (  # a kept early call is dropped when a cancel or deadline ends it
+            first.status == 202
+            and again.status == 409
+            and (again.answer or {}).get("error") == "already_final"
+        )
+        same = (again.status, again.answer) == (first.status, first.answer)
+        if answered and not ended_meanwhile and not same:
             self.books.violation(
                 f"job {job.id}: an exact repeat of a call answered {first.status}"
                 f" {first.answer} got {again.status} {again.answer}"
