@@ -23,7 +23,7 @@ import random
 import statistics
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +57,10 @@ LEASE_S = WEBHOOK_TIMEOUT_S + 5  # PRODUCT.md: a dead replica's leases lapse wit
 ENDPOINT_CONCURRENCY = 8
 SETTLE_S = 45.0
 """Deadline for the load to end and every delivery to succeed (it takes 5-15 s when idle)."""
+
+CLIENT_LIMITS = httpx.Limits(max_connections=80, keepalive_expiry=1)
+"""Idle connections are dropped well before uvicorn's keep-alive timeout (5 s) closes them:
+a request sent on a connection the server is closing at that moment fails with ReadError."""
 
 FAST = {
     "GATEWAY_SWEEP_INTERVAL_S": "0.2",
@@ -178,8 +182,9 @@ class Load:
                 response = await self.http.request(
                     method, f"{self.cluster.gateways[index].url}{path}", **kwargs
                 )
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if self.cluster.gateways[index].alive():
+                    exc.add_note(f"{method} {path} on live replica {index}")
                     raise
                 index, resent = self.rng.choice(self.live()), True
                 continue
@@ -187,17 +192,23 @@ class Load:
                 self.ledger.surprise(f"{method} {path}", response)
             return response, resent
 
-    def spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(self.guarded(work))
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self.watched(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def guarded(self, work: Awaitable[None]) -> None:
-        """Run `work`; an exception becomes an entry in the ledger (checked as the load runs)."""
-        try:
-            await work
-        except Exception as exc:
-            self.ledger.unexpected.append(f"{type(exc).__name__}: {exc}")
+    def watched(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """`work` as a task whose exception, if it raises one, is written in the ledger
+        (checked while the load runs)."""
+
+        def record(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                notes = " ".join(getattr(exc, "__notes__", []))
+                self.ledger.unexpected.append(f"{type(exc).__name__}: {exc!r} {notes}")
+
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(record)
+        return task
 
     # -- runners ---------------------------------------------------------------------------
 
@@ -214,14 +225,14 @@ class Load:
         for n in range(count):
             token = await self.register_runner(n)
             work = self.run_runner(token, n % len(self.cluster.gateways))
-            self.runners.append(asyncio.ensure_future(self.guarded(work)))
+            self.runners.append(self.watched(work))
 
     async def start_stallers(self, count: int, replica: int) -> None:
         """`count` runners on `replica` that take one hand-out each and never confirm it."""
         for n in range(count):
             token = await self.register_runner(1000 + n)
             work = self.run_staller(token, replica)
-            self.runners.append(asyncio.ensure_future(self.guarded(work)))
+            self.runners.append(self.watched(work))
 
     async def long_poll(
         self, token: str, replica: int
@@ -237,8 +248,9 @@ class Load:
                 headers={"Authorization": f"Bearer {token}"},
                 timeout=LONG_POLL_S + 30,
             )
-        except httpx.TransportError:
+        except httpx.TransportError as exc:
             if self.cluster.gateways[replica].alive():
+                exc.add_note(f"jobs/request on live replica {replica}")
                 raise
             return None, replica
         if response.status_code == 204:
@@ -624,7 +636,7 @@ async def test_three_replicas_share_the_load_and_lose_nothing(
         Cluster(tmp_path / "cluster", replicas=REPLICAS, db=database, env=env) as cluster,
     ):
         hook = receiver.start(tmp_path / "received.jsonl", fail_rate=0.1, seed=5)
-        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=80)) as http:
+        async with httpx.AsyncClient(timeout=30, limits=CLIENT_LIMITS) as http:
             load = Load(cluster, http, seed=1)
             endpoint = await subscribe(load, f"{hook}/all")
             await load.start_runners(9)
@@ -678,7 +690,7 @@ async def test_a_replica_killed_mid_load_loses_nothing(tmp_path: Path, database:
         ThreadReceiver(Reply(200, delay_s=120)) as receiver,
         Cluster(tmp_path / "cluster", replicas=REPLICAS, db=database, env=env) as cluster,
     ):
-        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=80)) as http:
+        async with httpx.AsyncClient(timeout=30, limits=CLIENT_LIMITS) as http:
             load = Load(cluster, http, seed=2)
             endpoint = await subscribe(load, receiver.url("/all"))
             await load.start_runners(6)
