@@ -1,8 +1,8 @@
 """The scale-out store: PostgreSQL through an asyncpg pool, shared by several replicas.
 
-The verbs are the ones SQLite runs (`gateway.store.verbs`). Each runs in a worker thread inside
-one READ COMMITTED transaction on a pooled connection, its statements sent by asyncpg on the
-event loop (`bridge.BlockingConnection`). Concurrency control is row-level: every transition is
+The verbs are the ones SQLite runs (`gateway.store.verbs`). Each runs in a greenlet on the event
+loop's thread inside one READ COMMITTED transaction on a pooled connection, its statements
+awaited with asyncpg (`bridge.run_blocking`). Concurrency control is row-level: every transition is
 compare-and-set (a miss raises ConcurrentChange), claims use `FOR UPDATE SKIP LOCKED`, and a
 pipeline's row is locked while its jobs cascade. A verb that lost a race (a missed
 compare-and-set, a unique key another transaction took first, a serialization failure, a
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import asyncpg
@@ -22,7 +21,7 @@ import asyncpg
 from gateway.artifacts import ArtifactLinks
 from gateway.errors import ConcurrentChange, StoreError
 from gateway.store.base import Policy, Signal
-from gateway.store.postgres.bridge import BlockingConnection
+from gateway.store.postgres.bridge import BlockingConnection, run_blocking
 from gateway.store.postgres.notify import Notifier
 from gateway.store.postgres.schema import migrate
 from gateway.store.verbs.connection import POSTGRES, Connection
@@ -60,14 +59,13 @@ class PostgresStore(VerbStore):
         pool_size: int = DEFAULT_POOL_SIZE,
         server_settings: dict[str, str] | None = None,
     ) -> None:
-        """`pool_size`: connections at most (and worker threads running verbs);
+        """`pool_size`: connections at most;
         `server_settings`: session settings of every connection (a test's `search_path`)."""
         super().__init__(policy, links)
         self._dsn = dsn
         self._pool_size = max(pool_size, MIN_POOL_SIZE)
         self._server_settings = server_settings
         self._pool: asyncpg.Pool | None = None
-        self._threads: ThreadPoolExecutor | None = None
         self._on_signals: Callable[[frozenset[Signal]], None] = lambda signals: None
         self._notifier: Notifier | None = None
 
@@ -90,7 +88,6 @@ class PostgresStore(VerbStore):
             max_size=self._pool_size,
             server_settings=self._server_settings,
         )
-        self._threads = ThreadPoolExecutor(self._pool_size, thread_name_prefix="gateway-pg")
         try:
             async with self._pool.acquire() as conn:
                 await migrate(conn)
@@ -104,8 +101,7 @@ class PostgresStore(VerbStore):
         self._notifier.start()
 
     async def clock_offset(self) -> float:
-        pool, _ = self._opened()
-        async with pool.acquire() as conn:
+        async with self._opened().acquire() as conn:
             sent = time.time()
             database = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())")
             received = time.time()
@@ -118,27 +114,22 @@ class PostgresStore(VerbStore):
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
-        if self._threads is not None:
-            self._threads.shutdown(wait=False)
-            self._threads = None
 
-    def _opened(self) -> tuple[asyncpg.Pool, ThreadPoolExecutor]:
-        if self._pool is None or self._threads is None:
+    def _opened(self) -> asyncpg.Pool:
+        if self._pool is None:
             raise StoreError("the store is not open")
-        return self._pool, self._threads
+        return self._pool
 
     async def _run(self, fn: Callable[[Connection], T]) -> T:
-        """Run the read `fn` in a worker thread on a pooled connection (autocommit: each
+        """Run the read `fn` on a pooled connection (autocommit: each
         statement sees what was committed when it started)."""
-        # Shielded: a cancelled caller must not return the connection while the thread still
+        # Shielded: a cancelled caller must not return the connection while the verb still
         # uses it.
         return await asyncio.shield(self._read(fn))
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
-        pool, threads = self._opened()
-        loop = asyncio.get_running_loop()
-        async with pool.acquire() as conn:
-            return await loop.run_in_executor(threads, fn, BlockingConnection(conn, loop))
+        async with self._opened().acquire() as conn:
+            return await run_blocking(fn, BlockingConnection(conn))
 
     async def _transact(self, verb: Callable[[Tx], T], now: float) -> T:
         """Run `verb` in one transaction; run it again when it lost a race (at most
@@ -152,11 +143,9 @@ class PostgresStore(VerbStore):
         raise AssertionError("unreachable")
 
     async def _transact_once(self, verb: Callable[[Tx], T], now: float) -> T:
-        pool, threads = self._opened()
-        loop = asyncio.get_running_loop()
-        async with pool.acquire() as conn, conn.transaction():
-            tx = self._tx(BlockingConnection(conn, loop), now)
-            return await loop.run_in_executor(threads, _run_verb, verb, tx)
+        async with self._opened().acquire() as conn, conn.transaction():
+            tx = self._tx(BlockingConnection(conn), now)
+            return await run_blocking(_run_verb, verb, tx)
 
 
 def _run_verb(verb: Callable[[Tx], T], tx: Tx) -> T:
