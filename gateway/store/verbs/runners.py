@@ -7,6 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from gateway.errors import (
     AlreadyFinal,
     Forbidden,
@@ -21,7 +23,16 @@ from gateway.store.verbs.connection import Connection
 from gateway.store.verbs.jobs import append_to_trace, apply_call, early_call
 from gateway.store.verbs.tx import SELECT_JOB, Loaded, Tx, load_job
 
-HAND_OUT_SCAN = 200  # pending jobs looked at per query when matching tags
+HAND_OUT_SCAN = 50  # pending jobs looked at per query when matching tags
+
+
+class _Tags(msgspec.Struct):
+    """What a hand-out reads of a queued job's spec to match it with a runner."""
+
+    tags: list[str] = msgspec.field(default_factory=list)
+
+
+_TAGS = msgspec.json.Decoder(_Tags)
 _RUNNER_COLUMNS = (
     "id, description, tags, run_untagged, created_at, last_seen_at,"
     " (SELECT group_concat(j.id, ',') FROM jobs AS j WHERE j.runner_id = runners.id"
@@ -98,18 +109,17 @@ def claim_job(tx: Tx, runner: Runner, job_token_hash: bytes, minter: Minter) -> 
     offset = 0
     while True:
         rows = tx.conn.execute(
-            f"{SELECT_JOB} WHERE state = 'pending' AND runner_id IS NULL AND kind = 'script'"
-            " ORDER BY queued_at, id LIMIT ? OFFSET ?",
+            "SELECT id, spec FROM jobs WHERE state = 'pending' AND runner_id IS NULL"
+            " AND kind = 'script' ORDER BY queued_at, id LIMIT ? OFFSET ?",
             (HAND_OUT_SCAN, offset),
         ).fetchall()
-        for row in rows:
-            candidate = load_job(row)
-            if not runner.can_run(candidate.job.spec.tags):
+        for job_id, spec in rows:
+            if not runner.can_run(_TAGS.decode(spec).tags):
                 continue
             locked = tx.conn.execute(
                 f"{SELECT_JOB} WHERE id = ? AND state = 'pending' AND runner_id IS NULL"
                 + tx.dialect.skip_locked(),
-                (candidate.job.id,),
+                (job_id,),
             ).fetchone()
             if locked is not None:
                 return _hand_out(tx, load_job(locked), runner, job_token_hash, minter)
