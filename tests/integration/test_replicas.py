@@ -71,7 +71,7 @@ FAST = {
 
 
 @pytest.fixture
-def database() -> Iterator[str]:
+def fresh_database() -> Iterator[str]:
     """A fresh database on the test server, dropped afterwards."""
     with postgres_database(os.environ[POSTGRES_DSN_VARIABLE]) as dsn:
         yield dsn
@@ -626,14 +626,14 @@ def check_races(ledger: Ledger) -> None:
 
 
 async def test_three_replicas_share_the_load_and_lose_nothing(
-    tmp_path: Path, database: str
+    tmp_path: Path, fresh_database: str
 ) -> None:
     """Runners on every replica, callbacks (some racing) on any: each job is handed out once,
     ends once, and every one of its events reaches the receiver once per webhook-id."""
     env = {**FAST, "GATEWAY_CONFIRM_TIMEOUT_S": "60"}
     with (
         ReceiverProcess() as receiver,
-        Cluster(tmp_path / "cluster", replicas=REPLICAS, db=database, env=env) as cluster,
+        Cluster(tmp_path / "cluster", replicas=REPLICAS, db=fresh_database, env=env) as cluster,
     ):
         hook = receiver.start(tmp_path / "received.jsonl", fail_rate=0.1, seed=5)
         async with httpx.AsyncClient(timeout=30, limits=CLIENT_LIMITS) as http:
@@ -678,7 +678,7 @@ def connections_to(pid: int, port: int) -> int:
     return count
 
 
-async def test_a_replica_killed_mid_load_loses_nothing(tmp_path: Path, database: str) -> None:
+async def test_a_replica_killed_mid_load_loses_nothing(tmp_path: Path, fresh_database: str) -> None:
     """kill -9 one replica while it holds unconfirmed hand-outs and delivery attempts in
     flight: those hand-outs go to runners on the other replicas after the confirmation
     timeout, the attempts are taken over once their lease lapses (same webhook-id), and all
@@ -688,7 +688,7 @@ async def test_a_replica_killed_mid_load_loses_nothing(tmp_path: Path, database:
     # Every attempt hangs until the kill: whatever a replica claimed then is in flight.
     with (
         ThreadReceiver(Reply(200, delay_s=120)) as receiver,
-        Cluster(tmp_path / "cluster", replicas=REPLICAS, db=database, env=env) as cluster,
+        Cluster(tmp_path / "cluster", replicas=REPLICAS, db=fresh_database, env=env) as cluster,
     ):
         async with httpx.AsyncClient(timeout=30, limits=CLIENT_LIMITS) as http:
             load = Load(cluster, http, seed=2)
@@ -763,11 +763,11 @@ async def test_a_replica_killed_mid_load_loses_nothing(tmp_path: Path, database:
 
 
 async def test_a_long_poll_on_one_replica_wakes_for_a_job_made_on_another(
-    tmp_path: Path, database: str
+    tmp_path: Path, fresh_database: str
 ) -> None:
     """A runner waiting on replica 0 gets a job created on replica 1 within 1 s (LISTEN/NOTIFY;
     without it the long poll's 5 s re-check would find it). The median of five tries."""
-    with Cluster(tmp_path / "cluster", replicas=2, db=database) as cluster:
+    with Cluster(tmp_path / "cluster", replicas=2, db=fresh_database) as cluster:
         waiter, maker = cluster.gateways
         async with httpx.AsyncClient(timeout=30) as http:
             load = Load(cluster, http, seed=3)
