@@ -56,6 +56,7 @@ async def _frames(
 ) -> AsyncIterator[bytes]:
     yield b"retry: 2000\n\n"
     while True:
+        ticket = ctx.events.ticket()  # events logged while the read is in flight still wake us
         batch = await ctx.store.read_stream(
             after, pipeline_id=pipeline_id, job_id=job_id, limit=BATCH
         )
@@ -66,7 +67,7 @@ async def _frames(
             continue
         if ctx.events.closed or await request.is_disconnected():
             return
-        if not await ctx.events.wait(KEEPALIVE_S):
+        if not await ctx.events.wait(KEEPALIVE_S, ticket):
             yield b": keepalive\n\n"
 
 
