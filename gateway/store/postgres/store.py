@@ -31,6 +31,7 @@ from gateway.store.verbs.tx import Tx
 T = TypeVar("T")
 DEFAULT_POOL_SIZE = 10
 MIN_POOL_SIZE = 2
+EVENT_LOG_LOCK = 0x6761746577_6C6F67  # the advisory lock that orders event-log writers
 VERB_ATTEMPTS = 5  # runs of a verb that keeps losing races before its caller sees a 409
 _RACES = (
     ConcurrentChange,
@@ -150,5 +151,10 @@ class PostgresStore(VerbStore):
 
 def _run_verb(verb: Callable[[Tx], T], tx: Tx) -> T:
     result = verb(tx)
+    if tx.outbox.logged:
+        # The event stream reads the log in `seq` order: transactions that log must commit in
+        # the order they take their numbers, or a reader past a number still in flight would
+        # never see it. So they take them one at a time, last thing before the commit.
+        tx.conn.execute("SELECT pg_advisory_xact_lock(?)", (EVENT_LOG_LOCK,))
     tx.finish()
     return result
