@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from gateway.models import JobEvent
+from gateway.states import State
 
 
 class Metrics:
@@ -47,7 +47,10 @@ class Metrics:
     def record(self, events: Iterable[JobEvent]) -> None:
         """Count the transitions of `events` (one increment per state: a sweep reports
         thousands of events at once)."""
-        for state, count in collections.Counter(event.state for event in events).items():
+        counts: dict[State, int] = {}
+        for event in events:
+            counts[event.state] = counts.get(event.state, 0) + 1
+        for state, count in counts.items():
             self.transitions.labels(state.value).inc(count)
 
     def exposition(self) -> bytes:

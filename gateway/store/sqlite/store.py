@@ -165,19 +165,23 @@ class SQLiteStore(VerbStore):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(future, None, exc) for _, _, future in batch]
+        # One wake-up of the loop answers the whole group (each is a write to its self-pipe).
+        batch[0][2].get_loop().call_soon_threadsafe(self._settle, outcomes)
+
+    def _settle(
+        self, outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+    ) -> None:
+        """On the loop: answer the verbs of a committed (or failed) group, and queue the next
+        flush if verbs came meanwhile."""
         for future, result, error in outcomes:
-            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
         if self._pending:
-            batch[0][2].get_loop().call_soon_threadsafe(self._schedule_flush)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
+            self._schedule_flush()
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:

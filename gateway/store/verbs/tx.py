@@ -184,8 +184,8 @@ def job_event(event_id: int, params: Sequence[Any]) -> JobEvent:
     )
 
 
-def changed_job(job: Job, change: Change, now: float) -> Job:
-    """`job` as it is once `change` is written (what the sweep's bulk update leaves)."""
+def changed_job(job: Job, change: Change, now: float, **fields: Any) -> Job:
+    """`job` as it is once `change` is written, with other `fields` replaced too."""
     return dataclasses.replace(
         job,
         state=change.state,
@@ -196,6 +196,7 @@ def changed_job(job: Job, change: Change, now: float) -> Job:
         parked_at=now if change.sets_parked_at else job.parked_at,
         finished_at=now if change.sets_finished_at else job.finished_at,
         deadlines=change.deadlines,
+        **fields,
     )
 
 
@@ -229,7 +230,7 @@ def _written(loaded: Loaded, change: Change, now: float, columns: dict[str, Any]
         on_job, field, convert = known
         if field:
             (job_fields if on_job else row_fields)[field] = convert(value)
-    job = dataclasses.replace(changed_job(loaded.job, change, now), **job_fields)
+    job = changed_job(loaded.job, change, now, **job_fields)
     sequence = loaded.event_sequence + (1 if change.transitioned else 0)
     return dataclasses.replace(loaded, job=job, event_sequence=sequence, **row_fields)
 
