@@ -249,6 +249,8 @@ def create_app(
 
     app = Starlette(
         routes=[
+            # First: the hot path; Starlette tries routes in order (no path overlaps another).
+            *continuation.routes,
             *jobs.routes,
             *pipelines.routes,
             *runners.routes,
@@ -256,7 +258,6 @@ def create_app(
             *webhooks.routes,
             *stream.routes,
             *artifacts.routes,
-            *continuation.routes,
             *ops.routes,
             *tokens.routes,
             *ui.routes,
