@@ -32,7 +32,7 @@ from tests.api.test_runner_api import (
     script_job,
     wait_until_polled,
 )
-from tests.conftest import ADMIN_TOKEN, BASE_URL, sweep
+from tests.conftest import ADMIN_TOKEN, BASE_URL, create_job, sweep
 
 CONFIRM_TIMEOUT_S = 60  # the fixture's settings keep the defaults
 RUNNER_TIMEOUT_S = 300
@@ -68,6 +68,29 @@ async def test_unconfirmed_hand_out_returns_to_pending_in_its_queue_place(
     assert_error(await put_state(anon, lost, {"state": "running"}), 403)
     await confirm(anon, again)
     assert (await claim(anon, token)).id == younger["id"]
+
+
+async def test_one_sweep_requeues_a_hand_out_and_fails_the_jobs_due_beside_it(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient, app: Starlette, clock: ManualClock
+) -> None:
+    """In one sweep batch an unconfirmed hand-out goes back to pending while external jobs due
+    at the same time fail, each with the reason of its earliest clock, each with one event."""
+    token = await register_runner(client)
+    handed = await script_job(client, name="handed")
+    await claim(anon, token)
+    late = await create_job(client, callback_timeout_s=CONFIRM_TIMEOUT_S - 10)
+    silent = await create_job(
+        client, heartbeat_timeout_s=CONFIRM_TIMEOUT_S - 20, callback_timeout_s=3600
+    )
+    clock.advance(CONFIRM_TIMEOUT_S + 1)
+    assert await sweep(app) == 3
+    stored = await fetch_job(client, handed["id"])
+    assert (stored["state"], stored["runner_id"]) == ("pending", None)
+    for job, reason in ((late, "callback_timeout"), (silent, "heartbeat_timeout")):
+        stored = await fetch_job(client, job["id"])
+        assert (stored["state"], stored["failure_reason"]) == ("failed", reason)
+        assert await event_states(client, job["id"]) == ["pending", "failed"]
+    assert await sweep(app) == 0
 
 
 async def test_a_confirmed_hand_out_is_not_requeued(
