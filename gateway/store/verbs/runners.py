@@ -19,7 +19,7 @@ from gateway.errors import (
 from gateway.models import HandOut, Page, Runner, RunnerSpec
 from gateway.states import FailureReason, State, Trigger
 from gateway.store.base import Minter, TraceAppend, Transition, decode_cursor, encode_cursor
-from gateway.store.verbs.connection import Connection
+from gateway.store.verbs.connection import Connection, Dialect
 from gateway.store.verbs.jobs import append_to_trace, apply_call, early_call
 from gateway.store.verbs.tx import SELECT_JOB, Loaded, Tx, load_job
 
@@ -100,6 +100,16 @@ def find_runner(conn: Connection, token_hash: bytes) -> Runner | None:
     return None if row is None else _load_runner(row)
 
 
+def queue_scan(dialect: Dialect) -> str:
+    """The pending script jobs awaiting a runner, oldest first, a page at a time: read through
+    the `jobs_queue` partial index, so its cost does not grow with the parked external jobs
+    (also `pending`) beside the queue."""
+    return (
+        f"SELECT id, spec FROM jobs{dialect.indexed_by('jobs_queue')} WHERE state = 'pending'"
+        " AND runner_id IS NULL AND kind = 'script' ORDER BY queued_at, id LIMIT ? OFFSET ?"
+    )
+
+
 def claim_job(tx: Tx, runner: Runner, job_token_hash: bytes, minter: Minter) -> HandOut | None:
     """Hand the oldest pending script job whose tags this runner has to it, exactly once.
 
@@ -108,11 +118,7 @@ def claim_job(tx: Tx, runner: Runner, job_token_hash: bytes, minter: Minter) -> 
     tx.conn.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?", (tx.now, runner.id))
     offset = 0
     while True:
-        rows = tx.conn.execute(
-            "SELECT id, spec FROM jobs WHERE state = 'pending' AND runner_id IS NULL"
-            " AND kind = 'script' ORDER BY queued_at, id LIMIT ? OFFSET ?",
-            (HAND_OUT_SCAN, offset),
-        ).fetchall()
+        rows = tx.conn.execute(queue_scan(tx.dialect), (HAND_OUT_SCAN, offset)).fetchall()
         for job_id, spec in rows:
             if not runner.can_run(_TAGS.decode(spec).tags):
                 continue
