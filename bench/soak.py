@@ -88,8 +88,15 @@ START_DELAY_S = 0.5
 GOAL_RSS_DRIFT = 0.10
 WARN_LAG_P99_MS = 50.0
 
-KINDS = ("callback", "create", "hand-out", "confirm", "exit")
-EXPECTED = {"callback": 200, "create": 201, "hand-out": 201, "confirm": 200, "exit": 200}
+KINDS = ("callback", "create", "hand-out", "claim", "confirm", "exit")
+EXPECTED = {
+    "callback": 200,
+    "create": 201,
+    "hand-out": 201,
+    "claim": 201,
+    "confirm": 200,
+    "exit": 200,
+}
 TERMINAL = ("success", "failed", "canceled", "skipped")
 
 
@@ -241,6 +248,34 @@ def outcome(status: int, body: bytes, state: str) -> str:
     return "200" if said == state else f"200 with state {said}"
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the threads of a process were runnable but waited for a CPU (the second field
+    of /proc/<pid>/task/<tid>/schedstat), summed over its live threads: how short of CPU a
+    server on a shared machine was."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    at: float
+    server_cpu_s: float
+    server_wait_s: float
+    postgres_cpu_s: float
+
+    def since(self, before: CpuReading) -> tuple[float, float, float]:
+        """Shares of a core since `before`: server CPU, server run-queue wait, PostgreSQL CPU."""
+        wall = self.at - before.at
+        return (
+            (self.server_cpu_s - before.server_cpu_s) / wall,
+            (self.server_wait_s - before.server_wait_s) / wall,
+            (self.postgres_cpu_s - before.postgres_cpu_s) / wall,
+        )
+
+
 class Pool:
     """Keep-alive connections for the open-loop operations: the most recently used first, a
     new one when none is idle, none reused after IDLE_CONNECTION_S (the server may be closing
@@ -279,6 +314,7 @@ class Minute:
     errors: int = 0
     rss_mb: float = 0.0
     server_cpu_share: float = 0.0
+    server_wait_share: float = 0.0
     postgres_cpu_share: float = 0.0
 
 
@@ -290,6 +326,7 @@ class Figures:
     callbacks_per_s: float
     hand_outs_per_s: float
     runners: int = RUNNERS
+    pinned: bool = False
     per_minute: list[dict[str, Any]] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
     p50_ms: dict[str, float] = field(default_factory=dict)
@@ -306,6 +343,7 @@ class Figures:
     hwm_mb: float = 0.0
     rss_drift: float = 0.0
     server_cpu_share: float = 0.0
+    server_wait_share: float = 0.0
     server_cpu_ms_per_request: float = 0.0
     postgres_cpu_share: float = 0.0
     client_cpu_share: float = 0.0
@@ -342,7 +380,7 @@ class Soak:
         self.schedules_done = False
         self.rss_samples: list[tuple[float, float]] = []
         self.t0 = 0.0
-        self.minute_cpu = (0.0, 0.0, 0.0)
+        self.minute_cpu = CpuReading(0.0, 0.0, 0.0, 0.0)
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -469,6 +507,8 @@ class Soak:
                 if status != 201:
                     self.record("hand-out", str(status), polled, ok=False)
                     continue
+                now = time.monotonic()
+                self.minute_of(now).latencies["claim"].append(now - polled)
                 await self.run_job(http, json.loads(body))
         finally:
             http.close()
@@ -513,10 +553,11 @@ class Soak:
             await asyncio.sleep(max(0.0, self.t0 + 60 * (index + 1) - time.monotonic()))
             self.close_minute(index)
 
-    def cpu(self) -> tuple[float, float, float]:
-        return (
+    def cpu(self) -> CpuReading:
+        return CpuReading(
             time.monotonic(),
             self.gateway.cpu_s(),
+            runqueue_wait_s(self.gateway.pid),
             postgres_cpu_s() if self.postgres else 0.0,
         )
 
@@ -525,9 +566,9 @@ class Soak:
         minute = self.minutes[index]
         minute.rss_mb = self.sample_rss()
         now, before = self.cpu(), self.minute_cpu
-        wall = now[0] - before[0]
-        minute.server_cpu_share = (now[1] - before[1]) / wall
-        minute.postgres_cpu_share = (now[2] - before[2]) / wall
+        minute.server_cpu_share, minute.server_wait_share, minute.postgres_cpu_share = now.since(
+            before
+        )
         self.minute_cpu = now
         print(minute_line(index, minute, self.postgres), flush=True)
 
@@ -564,15 +605,16 @@ class Soak:
         self.pool.close()
         self.close_minute(len(self.minutes) - 1)  # its own 60 s plus the drain
         end = self.cpu()
-        wall = end[0] - server_cpu[0]
+        wall = end.at - server_cpu.at
         figures.client_cpu_share = (time.process_time() - client_cpu) / wall
-        figures.server_cpu_share = (end[1] - server_cpu[1]) / wall
-        figures.postgres_cpu_share = (end[2] - server_cpu[2]) / wall
+        figures.server_cpu_share, figures.server_wait_share, figures.postgres_cpu_share = end.since(
+            server_cpu
+        )
         memory = self.gateway.memory_kb()
         figures.rss_end_mb = memory["VmRSS"] / 1024
         figures.hwm_mb = memory["VmHWM"] / 1024
         figures.connections_opened = self.pool.opened
-        self.summarise(end[1] - server_cpu[1])
+        self.summarise(end.server_cpu_s - server_cpu.server_cpu_s)
 
     def summarise(self, server_cpu_s: float) -> None:
         figures = self.figures
@@ -615,52 +657,53 @@ def _pair(values: list[float]) -> str:
     return f"{percentile(ordered, 0.5) * 1000:.1f}/{percentile(ordered, 0.99) * 1000:.1f}"
 
 
-COLUMNS = (
-    "min",
-    "callbacks",
-    "p50/p99",
-    "creates",
-    "p50/p99",
-    "hand-outs",
-    "p50/p99",
-    "confirm p50/p99",
-    "exit p50/p99",
-    "204s",
-    "errors",
-    "VmRSS MB",
-    "server CPU",
-)
+def minute_cells(minute: Minute, postgres: bool) -> list[tuple[str, str]]:
+    """(column, value) of one minute's line: counts by expected outcome, p50/p99 from the due
+    time per kind, errors, the server's VmRSS and CPU (and how long it waited for a CPU)."""
+    o, lat = minute.outcomes, minute.latencies
+    cells = [
+        ("callbacks", f"{o['callback 200']:,}"),
+        ("p50/p99", _pair(lat["callback"])),
+        ("creates", f"{o['create 201']:,}"),
+        ("p50/p99", _pair(lat["create"])),
+        ("hand-outs", f"{o['hand-out 201']:,}"),
+        ("p50/p99", _pair(lat["hand-out"])),
+        ("claim p50/p99", _pair(lat["claim"])),
+        ("confirm p50/p99", _pair(lat["confirm"])),
+        ("exit p50/p99", _pair(lat["exit"])),
+        ("204s", f"{o['request 204']:,}"),
+        ("errors", str(minute.errors)),
+        ("VmRSS MB", f"{minute.rss_mb:.1f}"),
+        ("server CPU", f"{minute.server_cpu_share:.0%}"),
+        ("CPU wait", f"{minute.server_wait_share:.0%}"),
+    ]
+    if postgres:
+        cells.append(("PostgreSQL CPU", f"{minute.postgres_cpu_share:.0%}"))
+    return cells
+
+
+COLUMN_WIDTH = 15
 
 
 def minute_header(postgres: bool) -> str:
-    names = [*COLUMNS, *(["PostgreSQL CPU"] if postgres else [])]
-    return "  ".join(names) + "    (latencies in ms, from the due time)"
+    names = [name for name, _ in minute_cells(Minute(), postgres)]
+    return (
+        "min "
+        + "".join(name.rjust(max(COLUMN_WIDTH, len(name) + 2)) for name in names)
+        + "\n    (latencies in ms from the due time; CPU and CPU wait (runnable, no CPU free) in"
+        " shares of a core)"
+    )
 
 
 def minute_line(index: int, minute: Minute, postgres: bool) -> str:
-    o, lat = minute.outcomes, minute.latencies
-    cells = [
-        f"{index + 1:>3}",
-        f"{o['callback 200']:>9,}",
-        f"{_pair(lat['callback']):>7}",
-        f"{o['create 201']:>7,}",
-        f"{_pair(lat['create']):>7}",
-        f"{o['hand-out 201']:>9,}",
-        f"{_pair(lat['hand-out']):>7}",
-        f"{_pair(lat['confirm']):>15}",
-        f"{_pair(lat['exit']):>12}",
-        f"{o['request 204']:>4,}",
-        f"{minute.errors:>6}",
-        f"{minute.rss_mb:>8.1f}",
-        f"{minute.server_cpu_share:>9.0%}",
-    ]
-    if postgres:
-        cells.append(f"{minute.postgres_cpu_share:>13.0%}")
-    line = "  ".join(cells)
+    cells = minute_cells(minute, postgres)
+    line = f"{index + 1:>3} " + "".join(
+        value.rjust(max(COLUMN_WIDTH, len(name) + 2)) for name, value in cells
+    )
     unexpected = {
-        k: n
-        for k, n in o.items()
-        if k.split(" ", 1)[1] != str(EXPECTED.get(k.split(" ", 1)[0], 204))
+        key: count
+        for key, count in minute.outcomes.items()
+        if key.split(" ", 1)[1] != str(EXPECTED.get(key.split(" ", 1)[0], 204))
     }
     if unexpected:
         line += f"\n     unexpected outcomes: {unexpected}"
@@ -675,6 +718,7 @@ def minute_record(minute: Minute) -> dict[str, Any]:
         record[f"{kind}_p99_ms"] = percentile(ordered, 0.99) * 1000
     record["rss_mb"] = minute.rss_mb
     record["server_cpu_share"] = minute.server_cpu_share
+    record["server_wait_share"] = minute.server_wait_share
     return record
 
 
@@ -796,6 +840,10 @@ def summary(figures: Figures) -> list[tuple[str, str, str, str]]:
         "server CPU (share of a core; per request)",
         f"{figures.server_cpu_share:.0%}; {figures.server_cpu_ms_per_request:.2f} ms",
     )
+    info(
+        "server runnable but waiting for a CPU (share of a core)",
+        f"{figures.server_wait_share:.0%}",
+    )
     if figures.store == "postgresql":
         info("PostgreSQL CPU (share of a core)", f"{figures.postgres_cpu_share:.0%}")
     info("load generator CPU (share of a core)", f"{figures.client_cpu_share:.0%}")
@@ -836,7 +884,12 @@ def soak_once(work: Path, db: str | None, figures: Figures) -> tuple[Soak, dict[
     started = time.perf_counter()
     prepared = prepare(data_dir, db, figures.parked, callbacks)
     figures.setup_s = time.perf_counter() - started
+    everywhere = os.sched_getaffinity(0)
+    if figures.pinned:
+        os.sched_setaffinity(0, {0})  # the server inherits CPU 0; this process then takes CPU 1
     with running(start_gateway(data_dir, db=db)) as gateway:
+        if figures.pinned:
+            os.sched_setaffinity(0, {1})
         figures.start_s = gateway.start_s
         print(
             f"  bulk-inserted in {figures.setup_s:.1f} s; gateway serve ready in"
@@ -851,6 +904,7 @@ def soak_once(work: Path, db: str | None, figures: Figures) -> tuple[Soak, dict[
         )
         soak = Soak(gateway, prepared, figures, postgres=db is not None)
         run_load(soak)
+    os.sched_setaffinity(0, everywhere)
     audit = run_audit(db, data_dir, prepared)
     return soak, audit
 
@@ -869,6 +923,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="POSTGRESQL_URL",
         help="soak on PostgreSQL: a fresh database is made (and dropped) on this server",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="diagnostic: the server on CPU 0, the load generator on CPU 1 (bench/callbacks.py)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.minutes < 1 or args.runners < 1:
@@ -882,6 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         callbacks_per_s=args.callbacks_per_s,
         hand_outs_per_s=args.hand_outs_per_s,
         runners=args.runners,
+        pinned=args.pin,
     )
     print(
         f"bench/soak.py: {figures.store}, {figures.parked:,} parked, {figures.minutes} min of"
