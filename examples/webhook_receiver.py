@@ -135,10 +135,11 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(status, line)
 
     def answer(self, status: int, line: str) -> None:
-        print(line, flush=True)
+        """Answer, then print: whoever watches the lines may stop us once one is out."""
         self.send_response(status)
         self.send_header("content-length", "0")
         self.end_headers()
+        print(line, flush=True)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: `answer` prints one line per request."""
