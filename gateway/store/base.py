@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -420,9 +420,14 @@ class Store(Protocol):
     ) -> list[DeliveryClaim]:
         """Lease due deliveries, earliest first, skipping receivers in `busy_destinations`."""
 
-    async def record_attempt(
-        self, claim: DeliveryClaim, outcome: AttemptOutcome, disable_after_s: float, now: float
-    ) -> None: ...
+    async def record_attempts(
+        self,
+        results: Sequence[tuple[DeliveryClaim, AttemptOutcome]],
+        disable_after_s: float,
+        now: float,
+    ) -> None:
+        """Log attempts (in the order they ended) and move their deliveries on, in one
+        transaction."""
 
     async def stream_head(self) -> int:
         """The sequence of the newest event in the log (0 when empty)."""

@@ -100,6 +100,8 @@ class Dispatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._per_receiver: Tally[str] = Tally()
         self._client: WebhookClient | None = None
+        self._outcomes: list[tuple[DeliveryClaim, AttemptOutcome]] = []
+        self._recorder: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         """New deliveries were committed: look now instead of at the next poll."""
@@ -125,6 +127,8 @@ class Dispatcher:
                 await asyncio.wait(self._in_flight, timeout=DRAIN_S)
             for task in self._in_flight:
                 task.cancel()
+            if self._recorder is not None:
+                await asyncio.wait([self._recorder], timeout=DRAIN_S)
         finally:
             await self._client.aclose()
 
@@ -172,25 +176,45 @@ class Dispatcher:
                 return started
 
     async def drain(self) -> None:
-        """Wait for every attempt in flight (tests)."""
-        while self._in_flight:
-            await asyncio.wait(set(self._in_flight))
+        """Wait until every attempt in flight is sent and recorded (tests)."""
+        while self._in_flight or (self._recorder is not None and not self._recorder.done()):
+            await asyncio.wait({*self._in_flight, *([self._recorder] if self._recorder else [])})
 
     async def _attempt(self, claim: DeliveryClaim) -> None:
+        """Send one attempt and hand its outcome to the recorder; the receiver's slot frees
+        once the answer is in (the delivery stays leased until the outcome is recorded)."""
         try:
             outcome = await self._send(claim)
-            await self._store.record_attempt(
-                claim, outcome, self._policy.disable_after_s, now=self._clock.now()
-            )
-            label = "succeeded" if outcome.succeeded else "failed"
-            self._metrics.webhook_attempts.labels(label).inc()
         except Exception:
             log.exception("delivery_attempt_failed", extra={"delivery_id": claim.delivery_id})
+        else:
+            self._outcomes.append((claim, outcome))
+            if self._recorder is None or self._recorder.done():
+                self._recorder = asyncio.create_task(self._record())
         finally:
             self._per_receiver[claim.destination] -= 1
             if self._per_receiver[claim.destination] <= 0:
                 del self._per_receiver[claim.destination]
             self._wake.set()
+
+    async def _record(self) -> None:
+        """Record the outcomes gathered so far in one transaction, again while more came in
+        meanwhile. Outcomes that fail to be recorded are lost; their leases lapse and the
+        deliveries are sent again (at least once)."""
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            try:
+                await self._store.record_attempts(
+                    batch, self._policy.disable_after_s, now=self._clock.now()
+                )
+            except Exception:
+                log.exception("delivery_record_failed", extra={"count": len(batch)})
+                continue
+            succeeded = sum(1 for _, outcome in batch if outcome.succeeded)
+            for label, count in (("succeeded", succeeded), ("failed", len(batch) - succeeded)):
+                if count:
+                    self._metrics.webhook_attempts.labels(label).inc(count)
+            self._wake.set()  # a retry due at once can be claimed now
 
     async def _send(self, claim: DeliveryClaim) -> AttemptOutcome:
         assert self._client is not None

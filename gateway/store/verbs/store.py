@@ -5,7 +5,7 @@ through `_run`. A backend supplies those two, `open`, `close` and its `Dialect`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from gateway.artifacts import ArtifactLinks, ArtifactUpload
@@ -441,12 +441,13 @@ class VerbStore(ABC):
             now,
         )
 
-    async def record_attempt(
-        self, claim: DeliveryClaim, outcome: AttemptOutcome, disable_after_s: float, now: float
+    async def record_attempts(
+        self,
+        results: Sequence[tuple[DeliveryClaim, AttemptOutcome]],
+        disable_after_s: float,
+        now: float,
     ) -> None:
-        await self._transact(
-            lambda tx: webhooks.record_attempt(tx, claim, outcome, disable_after_s), now
-        )
+        await self._transact(lambda tx: webhooks.record_attempts(tx, results, disable_after_s), now)
 
     async def next_delivery_due(self) -> float | None:
         return await self._run(webhooks.next_due)

@@ -269,10 +269,6 @@ def claim_deliveries(
         secrets = [secret] if secret else ([server_secret] if implicit else [])
         if previous and until is not None and until > tx.now:
             secrets.append(previous)
-        tx.conn.execute(
-            "UPDATE webhook_deliveries SET leased_until = ? WHERE id = ?",
-            (tx.now + lease_s, delivery_id),
-        )
         claims.append(
             DeliveryClaim(
                 delivery_id=delivery_id,
@@ -285,66 +281,99 @@ def claim_deliveries(
                 destination=row[11] or url,
             )
         )
+    if claims:
+        marks = ",".join("?" * len(claims))
+        tx.conn.execute(
+            f"UPDATE webhook_deliveries SET leased_until = ? WHERE id IN ({marks})",
+            (tx.now + lease_s, *(claim.delivery_id for claim in claims)),
+        )
     return claims
 
 
-def record_attempt(
-    tx: Tx, claim: DeliveryClaim, outcome: AttemptOutcome, disable_after_s: float
+_RECORD_ATTEMPT = (
+    "INSERT INTO webhook_attempts (delivery_id, number, at, status_code, duration_ms, error,"
+    " response_snippet) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (delivery_id, number)"
+    " DO UPDATE SET at = excluded.at, status_code = excluded.status_code,"
+    " duration_ms = excluded.duration_ms, error = excluded.error,"
+    " response_snippet = excluded.response_snippet"
+)
+_MOVE_ON = (
+    "UPDATE webhook_deliveries SET state = ?, attempts = ?, next_attempt_at = ?,"
+    " leased_until = NULL, finished_at = ? WHERE id = ? AND state = 'pending'"
+)
+
+
+def _next_state(outcome: AttemptOutcome) -> tuple[str, float | None]:
+    if outcome.succeeded:
+        return "succeeded", None
+    if outcome.next_attempt_at is not None and outcome.disable_reason is None:
+        return "pending", outcome.next_attempt_at
+    return "failed", None
+
+
+def record_attempts(
+    tx: Tx, results: Sequence[tuple[DeliveryClaim, AttemptOutcome]], disable_after_s: float
 ) -> None:
-    """Log the attempt and move the delivery on; a failing endpoint is disabled after
-    `disable_after_s` of continuous failure, or at once on 410."""
-    tx.conn.execute(
-        "INSERT INTO webhook_attempts (delivery_id, number, at, status_code, duration_ms, error,"
-        " response_snippet) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (delivery_id, number)"
-        " DO UPDATE SET at = excluded.at, status_code = excluded.status_code,"
-        " duration_ms = excluded.duration_ms, error = excluded.error,"
-        " response_snippet = excluded.response_snippet",
-        (
-            claim.delivery_id,
-            claim.attempt,
-            tx.now,
-            outcome.status_code,
-            outcome.duration_ms,
-            outcome.error,
-            outcome.response_snippet,
-        ),
+    """Log each attempt and move its delivery on (one statement for all the attempts, one for
+    all the deliveries); then per endpoint, in the order of `results`: a success stops its
+    failure clock, a failure starts it, 410 disables it at once, and one failing for
+    `disable_after_s` without a success is disabled."""
+    if not results:
+        return
+    tx.conn.executemany(
+        _RECORD_ATTEMPT,
+        [
+            (
+                claim.delivery_id,
+                claim.attempt,
+                tx.now,
+                outcome.status_code,
+                outcome.duration_ms,
+                outcome.error,
+                outcome.response_snippet,
+            )
+            for claim, outcome in results
+        ],
     )
-    if outcome.succeeded:
-        state, next_at = "succeeded", None
-    elif outcome.next_attempt_at is not None and outcome.disable_reason is None:
-        state, next_at = "pending", outcome.next_attempt_at
-    else:
-        state, next_at = "failed", None
-    tx.conn.execute(
-        "UPDATE webhook_deliveries SET state = ?, attempts = ?, next_attempt_at = ?,"
-        " leased_until = NULL, finished_at = ? WHERE id = ? AND state = 'pending'",
-        (
-            state,
-            claim.attempt,
-            next_at,
-            None if state == "pending" else tx.now,
-            claim.delivery_id,
-        ),
-    )
-    if outcome.succeeded:
-        tx.conn.execute(
-            "UPDATE webhook_endpoints SET failing_since = NULL WHERE id = ?", (claim.endpoint_id,)
+    moves = []
+    for claim, outcome in results:
+        state, next_at = _next_state(outcome)
+        finished = None if state == "pending" else tx.now
+        moves.append((state, claim.attempt, next_at, finished, claim.delivery_id))
+    tx.conn.executemany(_MOVE_ON, moves)
+    recovered: set[str] = set()
+    failing: dict[str, AttemptOutcome] = {}  # failed after its last success in `results`
+    gone: dict[str, str] = {}
+    for claim, outcome in results:
+        endpoint_id = claim.endpoint_id
+        if outcome.disable_reason is not None:
+            gone.setdefault(endpoint_id, outcome.disable_reason)
+        elif outcome.succeeded:
+            recovered.add(endpoint_id)
+            failing.pop(endpoint_id, None)
+        else:
+            failing[endpoint_id] = outcome
+    if recovered:
+        # Only a row whose clock runs is written: a healthy endpoint's row is not locked.
+        tx.conn.executemany(
+            "UPDATE webhook_endpoints SET failing_since = NULL"
+            " WHERE id = ? AND failing_since IS NOT NULL",
+            [(endpoint_id,) for endpoint_id in sorted(recovered)],
         )
-        return
-    if outcome.disable_reason is not None:
-        _disable(tx, claim.endpoint_id, outcome.disable_reason)
-        return
-    tx.conn.execute(
-        "UPDATE webhook_endpoints SET failing_since = COALESCE(failing_since, ?) WHERE id = ?",
-        (tx.now, claim.endpoint_id),
-    )
-    since = tx.conn.execute(
-        "SELECT failing_since, enabled FROM webhook_endpoints WHERE id = ?", (claim.endpoint_id,)
-    ).fetchone()
-    if since[1] and tx.now - since[0] >= disable_after_s:
-        last = outcome.error or f"HTTP {outcome.status_code}"
-        reason = f"every attempt failed for {int(tx.now - since[0])} s (last: {last})"
-        _disable(tx, claim.endpoint_id, reason)
+    for endpoint_id, outcome in sorted(failing.items()):
+        if endpoint_id in gone:
+            continue
+        row = tx.conn.execute(
+            "UPDATE webhook_endpoints SET failing_since = COALESCE(failing_since, ?)"
+            " WHERE id = ? RETURNING failing_since, enabled",
+            (tx.now, endpoint_id),
+        ).fetchone()
+        if row is not None and row[1] and tx.now - row[0] >= disable_after_s:
+            last = outcome.error or f"HTTP {outcome.status_code}"
+            reason = f"every attempt failed for {int(tx.now - row[0])} s (last: {last})"
+            _disable(tx, endpoint_id, reason)
+    for endpoint_id, reason in sorted(gone.items()):
+        _disable(tx, endpoint_id, reason)
 
 
 def next_due(conn: Connection) -> float | None:
