@@ -1,7 +1,8 @@
 """Benchmark of webhook delivery: throughput to loopback receivers, transition -> receiver
 latency at a steady 500 deliveries/s, and the same with 1 of 10 receivers hanging.
 
-Run: `.venv/bin/python bench/webhooks.py [--quick] [--seconds S] [--jobs N] [--json PATH]`.
+Run: `.venv/bin/python bench/webhooks.py [--quick] [--seconds S] [--jobs N] [--json PATH]
+[--db postgresql://...]` (with --db, each phase's gateway runs on a fresh database there).
 Everything is measured in one run and summarised in a table at the end. Each phase gets a
 fresh `gateway serve` subprocess (`GATEWAY_WEBHOOK_ALLOW_NETS=127.0.0.0/8`, every other
 webhook setting at its default: 15 s timeout, 32 attempts in flight, 4 per endpoint):
@@ -56,8 +57,13 @@ from harness import (
     ADMIN_TOKEN,
     Gateway,
     HarnessError,
+    database_name,
     describe_checkout,
+    is_postgres_url,
     percentile,
+    postgres_cpu_s,
+    postgres_database,
+    process_cpu_s,
     running,
     start_gateway,
 )
@@ -269,6 +275,11 @@ class Receivers:
             time.sleep(0.05)  # polling with a deadline
         return True
 
+    def cpu_s(self) -> float:
+        """CPU seconds the receiver process has used so far."""
+        assert self._proc.pid is not None
+        return float(process_cpu_s(self._proc.pid))
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.send(("stop", None))
@@ -408,11 +419,15 @@ def build_request(host: str, path: str, body: dict[str, Any]) -> bytes:
 
 
 @contextlib.contextmanager
-def gateway(data_dir: Path) -> Iterator[Gateway]:
+def gateway(data_dir: Path, postgres: str | None = None) -> Iterator[tuple[Gateway, str | None]]:
     """A fresh `gateway serve` on a free loopback port (bench/harness.py; loopback webhooks
-    allowed), stopped (SIGTERM) at the end."""
-    with running(start_gateway(data_dir, webhook_secret=SERVER_WEBHOOK_SECRET)) as server:
-        yield server
+    allowed), stopped (SIGTERM) at the end, and its database URL: with `postgres` (a server's
+    DSN), a fresh database there, dropped after; else None (SQLite in the data dir)."""
+    with contextlib.ExitStack() as stack:
+        db = None if postgres is None else stack.enter_context(postgres_database(postgres))
+        server = start_gateway(data_dir, db=db, webhook_secret=SERVER_WEBHOOK_SECRET)
+        with running(server):
+            yield server, db
 
 
 def subscribe(server: Gateway, receivers: Receivers, paths: Sequence[str]) -> None:
@@ -488,11 +503,14 @@ class Results:
     jobs: int
     seconds: float
     rate: int
+    postgres: str | None = None
     throughput_per_s: float = 0.0
     throughput_deliveries: int = 0
     throughput_create_s: float = 0.0
     throughput_total_s: float = 0.0
     throughput_server_cpu_ms: float = 0.0
+    throughput_receiver_cpu_ms: float = 0.0
+    throughput_postgres_cpu_ms: float | None = None
     latency: dict[str, Latency] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -518,10 +536,13 @@ def bench_throughput(work: Path, loadgen: LoadGenerator, results: Results) -> No
     print(f"[1] throughput: {jobs} jobs x {ENDPOINTS} subscriptions = {expected} deliveries ...")
     receivers = Receivers()
     try:
-        with gateway(work / "throughput") as server:
+        with gateway(work / "throughput", results.postgres) as (server, db):
             paths = [f"/e/{i}" for i in range(ENDPOINTS)]
             subscribe(server, receivers, paths)
             requests = [build_request(server.host_header, "/api/v1/jobs", {"name": "bench"})] * jobs
+            databases = None if db is None else {database_name(db)}
+            postgres_before = postgres_cpu_s(databases) if databases else 0.0
+            receiver_before = receivers.cpu_s()
             cpu_before = server.cpu_s()
             started = time.time()
             created = loadgen.run(server.url, requests, connections=20)
@@ -530,6 +551,10 @@ def bench_throughput(work: Path, loadgen: LoadGenerator, results: Results) -> No
             arrived = receivers.wait_for(expected)
             fail_if(not arrived, f"throughput: {receivers.count()} of {expected} arrived")
             cpu = server.cpu_s() - cpu_before
+            receiver_cpu = receivers.cpu_s() - receiver_before
+            if databases:
+                postgres_ms = (postgres_cpu_s(databases) - postgres_before) * 1000 / expected
+                results.throughput_postgres_cpu_ms = postgres_ms
             arrivals = verified_once(receivers.collect(), "throughput")
             states = check_delivery_log(server)
     finally:
@@ -542,11 +567,15 @@ def bench_throughput(work: Path, loadgen: LoadGenerator, results: Results) -> No
     results.throughput_create_s = created.wall_s
     results.throughput_total_s = last - started
     results.throughput_server_cpu_ms = cpu * 1000 / expected
+    results.throughput_receiver_cpu_ms = receiver_cpu * 1000 / expected
+    postgres = results.throughput_postgres_cpu_ms
     print(
         f"  created {jobs} jobs in {created.wall_s:.2f} s; {expected} deliveries arrived in"
         f" {last - first:.2f} s: {results.throughput_per_s:,.0f}/s (all {expected} verified and"
-        f" `succeeded` in the delivery log); gateway CPU"
-        f" {results.throughput_server_cpu_ms:.2f} ms/delivery"
+        f" `succeeded` in the delivery log); CPU per delivery: gateway"
+        f" {results.throughput_server_cpu_ms:.2f} ms, receivers"
+        f" {results.throughput_receiver_cpu_ms:.2f} ms"
+        + ("" if postgres is None else f", PostgreSQL {postgres:.2f} ms")
     )
 
 
@@ -567,7 +596,8 @@ def bench_latency(
 
     receivers = Receivers()
     try:
-        with gateway(work / label.replace(" ", "-").replace(",", "")) as server:
+        directory = work / label.replace(" ", "-").replace(",", "")
+        with gateway(directory, results.postgres) as (server, _):
             if per_job:
                 requests = [
                     build_request(
@@ -693,15 +723,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--db",
+        metavar="postgresql://...",
+        help="a PostgreSQL server: each phase's gateway gets a fresh database there",
+    )
     args = parser.parse_args(argv)
+    if args.db is not None and not is_postgres_url(args.db):
+        parser.error("--db takes a postgresql:// URL")
     results = Results(
         jobs=args.jobs or (300 if args.quick else 2000),
         seconds=args.seconds or (5.0 if args.quick else 20.0),
         rate=args.rate,
+        postgres=args.db,
     )
     print(
         f"bench/webhooks.py: {results.jobs} jobs x {ENDPOINTS} subscriptions, latency at"
-        f" {results.rate} deliveries/s for {results.seconds:g} s; {os.cpu_count()} CPUs;"
+        f" {results.rate} deliveries/s for {results.seconds:g} s;"
+        f" {'PostgreSQL' if results.postgres else 'SQLite'}; {os.cpu_count()} CPUs;"
         f" {time.strftime('%Y-%m-%d %H:%M %Z')}; code {describe_checkout()}"
     )
     started = time.perf_counter()
