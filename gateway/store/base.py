@@ -415,10 +415,12 @@ class Store(Protocol):
         limit: int,
         lease_s: float,
         server_secret: str,
-        busy_destinations: list[str],
+        in_flight: Mapping[str, int],
+        per_destination: int,
         now: float,
     ) -> list[DeliveryClaim]:
-        """Lease due deliveries, earliest first, skipping receivers in `busy_destinations`."""
+        """Lease up to `limit` due deliveries, earliest first, at most `per_destination` minus
+        `in_flight[receiver]` to each receiver (a delivery's `destination`)."""
 
     async def record_attempts(
         self,

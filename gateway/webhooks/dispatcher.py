@@ -144,35 +144,34 @@ class Dispatcher:
         """Claim what is due and start sending it; return how many attempts started.
 
         The per-endpoint cap counts attempts by receiver (its URL, query aside), so many jobs
-        whose state_webhook_url names one receiver share one cap. No claim asks for more
-        deliveries than the fullest receiver not at its cap has room for, so every claimed
-        delivery starts at once (one skipped for its receiver's cap would wait out its whole
-        lease); claims repeat while they come back full."""
+        whose state_webhook_url names one receiver share one cap. A claim fills every free slot
+        within each receiver's room, so every claimed delivery starts at once (one held back
+        for its receiver's cap would wait out its whole lease). Rows of a receiver that filled
+        up are passed over unleased: the claim repeats while one did, since rows of others may
+        lie beyond them."""
         cap = self._policy.endpoint_concurrency
         started = 0
         while True:
             free = self._policy.concurrency - len(self._in_flight)
-            busy = [e for e, n in self._per_receiver.items() if n >= cap]
-            room = cap - max((n for n in self._per_receiver.values() if n < cap), default=0)
-            limit = min(free, room)
-            if limit <= 0:
+            if free <= 0:
                 return started
+            busy_before = sum(1 for n in self._per_receiver.values() if n >= cap)
             claims = await self._store.claim_deliveries(
-                limit=limit,
+                limit=free,
                 lease_s=self._policy.timeout_s + LEASE_MARGIN_S,
                 server_secret=self._policy.server_secret,
-                busy_destinations=busy,
+                in_flight=dict(self._per_receiver),
+                per_destination=cap,
                 now=self._clock.now(),
             )
             for claim in claims:
-                if self._per_receiver[claim.destination] >= cap:
-                    continue  # its lease lapses and a later pass takes it
                 self._per_receiver[claim.destination] += 1
                 task = asyncio.create_task(self._attempt(claim))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
                 started += 1
-            if len(claims) < limit:
+            filled = sum(1 for n in self._per_receiver.values() if n >= cap) > busy_before
+            if not claims or len(claims) == free or not filled:
                 return started
 
     async def drain(self) -> None:

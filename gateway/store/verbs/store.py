@@ -427,7 +427,8 @@ class VerbStore(ABC):
         limit: int,
         lease_s: float,
         server_secret: str,
-        busy_destinations: list[str],
+        in_flight: Mapping[str, int],
+        per_destination: int,
         now: float,
     ) -> list[DeliveryClaim]:
         return await self._transact(
@@ -436,7 +437,8 @@ class VerbStore(ABC):
                 limit=limit,
                 lease_s=lease_s,
                 server_secret=server_secret,
-                busy_destinations=busy_destinations,
+                in_flight=in_flight,
+                per_destination=per_destination,
             ),
             now,
         )

@@ -4,7 +4,7 @@ claims (leased, so a dead dispatcher's work is taken over) and attempt records."
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.errors import NotFound, StateConflict
@@ -22,6 +22,7 @@ from gateway.store.verbs.connection import Connection
 from gateway.store.verbs.tx import Tx
 from gateway.webhooks.guard import destination
 
+CANDIDATES_PER_SLOT = 2  # rows a claim looks at per delivery it may lease
 _ENDPOINT = (
     "SELECT id, url, events, pipeline_id, owner_job_id, owner_pipeline_id, enabled,"
     " disabled_reason, failing_since, created_at,"
@@ -243,12 +244,17 @@ def claim_deliveries(
     limit: int,
     lease_s: float,
     server_secret: str,
-    busy_destinations: Sequence[str],
+    in_flight: Mapping[str, int],
+    per_destination: int,
 ) -> list[DeliveryClaim]:
-    """Lease up to `limit` due deliveries (earliest first), skipping busy receivers."""
+    """Lease up to `limit` due deliveries (earliest first), at most `per_destination` minus
+    its attempts `in_flight` for each receiver (its `destination`). Rows passed over for a
+    full receiver are not leased; the caller claims again once that receiver is busy, since
+    rows of other receivers may lie beyond the ones looked at."""
+    busy = [d for d, n in in_flight.items() if n >= per_destination]
     # `NOT IN ()` is a syntax error on PostgreSQL: no clause when nothing is busy
-    skip = ",".join("?" * len(busy_destinations))
-    not_busy = f" AND e.destination NOT IN ({skip})" if busy_destinations else ""
+    skip = ",".join("?" * len(busy))
+    not_busy = f" AND e.destination NOT IN ({skip})" if busy else ""
     rows = tx.conn.execute(
         "SELECT d.id, d.endpoint_id, d.message_id, d.attempts, m.body, e.url, e.secret,"
         " e.previous_secret, e.previous_secret_until, e.owner_job_id, e.owner_pipeline_id,"
@@ -258,8 +264,18 @@ def claim_deliveries(
         " WHERE d.state = 'pending' AND d.next_attempt_at <= ?"
         " AND (d.leased_until IS NULL OR d.leased_until < ?)"
         f"{not_busy} ORDER BY d.next_attempt_at LIMIT ?{tx.dialect.skip_locked('d')}",
-        (tx.now, tx.now, *busy_destinations, limit),
+        (tx.now, tx.now, *busy, CANDIDATES_PER_SLOT * limit),
     ).fetchall()
+    room = {d: per_destination - n for d, n in in_flight.items()}
+    picked = []
+    for row in rows:
+        destination = row[11] or row[5]
+        if room.setdefault(destination, per_destination) > 0:
+            room[destination] -= 1
+            picked.append(row)
+            if len(picked) == limit:
+                break
+    rows = picked
     claims = []
     for row in rows:
         (delivery_id, endpoint_id, message_id, attempts, body, url, secret, previous, until) = row[
