@@ -1,8 +1,8 @@
 """Soak: one real `gateway serve` with 100k parked jobs under a steady open-loop load for minutes.
 
 Run: `.venv/bin/python bench/soak.py [--minutes 10] [--db postgresql://...] [--parked 100000]
-[--callbacks-per-s 200] [--hand-outs-per-s 50] [--runners 8] [--json PATH]`; `--minutes 1` is a
-quick check.
+[--callbacks-per-s 200] [--hand-outs-per-s 50] [--runners 8] [--pin] [--json PATH]`;
+`--minutes 1` is a quick check.
 
 1. Setup. `gateway serve` migrates a fresh data dir (or, with `--db`, a fresh PostgreSQL
    database made on that server and dropped after), parks one external job through the API
@@ -18,7 +18,11 @@ quick check.
    - `--hand-outs-per-s` script jobs created with `POST /api/v1/jobs`, which R protocol-level
      runners (long polls `POST /api/v1/runner/jobs/request`) take, confirm
      (`PUT {"state": "running"}`) and finish (`PUT {"state": "success"}`).
-   Every minute: requests by outcome, p50/p99 latency per kind, server VmRSS and CPU.
+   Every minute: requests by outcome; p50/p99 latency per kind (callback, create: from the
+   due time; hand-out: from the creation's due time to the 201 reaching a runner; claim: from
+   the runner's request, long-poll wait included; confirm, exit: per request); the server's
+   VmRSS, CPU and run-queue wait (runnable threads with no CPU free: on a shared machine, how
+   much of a latency is the neighbours').
 3. Audit, after a graceful stop, in the database: every callback answered 200 left its job
    `success`, the idle parked jobs are all still `pending`, every created script job was
    handed out once and is `success`, no job has more than one terminal event.
@@ -62,8 +66,8 @@ from harness import (
     describe_checkout,
     is_postgres_url,
     percentile,
-    postgres_cpu_s,
     postgres_database,
+    process_cpu_s,
     run_async,
     running,
     start_gateway,
@@ -248,6 +252,21 @@ def outcome(status: int, body: bytes, state: str) -> str:
     return "200" if said == state else f"200 with state {said}"
 
 
+def backends_cpu_s(database: str) -> float:
+    """CPU seconds so far of the PostgreSQL backends serving `database` (their process title
+    names it), so other work on the same server is left out. The gateway's pool keeps its
+    connections, so its backends live through the run."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if title.startswith("postgres:") and f" {database} " in title:
+                total += process_cpu_s(int(entry.name))
+    return total
+
+
 def runqueue_wait_s(pid: int) -> float:
     """Seconds the threads of a process were runnable but waited for a CPU (the second field
     of /proc/<pid>/task/<tid>/schedstat), summed over its live threads: how short of CPU a
@@ -357,7 +376,7 @@ class Soak:
     """The load and its bookkeeping; one asyncio loop drives everything."""
 
     def __init__(
-        self, gateway: Gateway, prepared: Prepared, figures: Figures, postgres: bool
+        self, gateway: Gateway, prepared: Prepared, figures: Figures, database: str | None
     ) -> None:
         parts = urlsplit(gateway.url)
         assert parts.hostname == "127.0.0.1" and parts.port is not None, "loopback only"
@@ -365,7 +384,9 @@ class Soak:
         self.gateway = gateway
         self.prepared = prepared
         self.figures = figures
-        self.postgres = postgres
+        self.database = database
+        """The PostgreSQL database's name (None on SQLite)."""
+        self.postgres = database is not None
         self.duration_s = figures.minutes * 60.0
         self.pool = Pool(self.host, self.port)
         self.minutes = [Minute() for _ in range(figures.minutes)]
@@ -558,7 +579,7 @@ class Soak:
             time.monotonic(),
             self.gateway.cpu_s(),
             runqueue_wait_s(self.gateway.pid),
-            postgres_cpu_s() if self.postgres else 0.0,
+            backends_cpu_s(self.database) if self.database else 0.0,
         )
 
     def close_minute(self, index: int) -> None:
@@ -845,7 +866,10 @@ def summary(figures: Figures) -> list[tuple[str, str, str, str]]:
         f"{figures.server_wait_share:.0%}",
     )
     if figures.store == "postgresql":
-        info("PostgreSQL CPU (share of a core)", f"{figures.postgres_cpu_share:.0%}")
+        info(
+            "PostgreSQL CPU, this database's backends (share of a core)",
+            f"{figures.postgres_cpu_share:.0%}",
+        )
     info("load generator CPU (share of a core)", f"{figures.client_cpu_share:.0%}")
     info("connections opened by the load generator", f"{figures.connections_opened:,}")
     return rows
@@ -902,7 +926,8 @@ def soak_once(work: Path, db: str | None, figures: Figures) -> tuple[Soak, dict[
             f" hand-outs/s ({figures.runners} runners) for {figures.minutes} min, open loop",
             flush=True,
         )
-        soak = Soak(gateway, prepared, figures, postgres=db is not None)
+        database = None if db is None else urlsplit(db).path.lstrip("/")
+        soak = Soak(gateway, prepared, figures, database)
         run_load(soak)
     os.sched_setaffinity(0, everywhere)
     audit = run_audit(db, data_dir, prepared)
