@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 CLIENT_TIMEOUT_S = 30.0
 CONTINUE_ATTEMPTS = 5
+# Idle keep-alive connections stay open longer than clients' and load balancers' own idle
+# limits (httpx 5 s, AWS ALB 60 s), so the server is never the one closing a connection a
+# client is about to reuse (the client would see the request fail).
+KEEP_ALIVE_S = 65
 GC_YOUNG_THRESHOLD = 20_000  # allocations between two young-generation collections (default 700)
 
 
@@ -164,6 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     # uvicorn re-raises the stop signal once it has shut down gracefully; a no-op handler lets
     # a clean stop exit 0 instead of dying by that signal.
