@@ -163,7 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
             "listening on all interfaces without GATEWAY_PUBLIC_URL; continue URLs use localhost"
         )
     config = uvicorn.Config(
-        _plain_refusals(app),
+        app,
         log_level="warning",
         access_log=False,
         lifespan="on",
@@ -174,6 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
     # a clean stop exit 0 instead of dying by that signal.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: None)
+    logging.getLogger("uvicorn.error").addFilter(_QuietRefusal(app))
     _settle_garbage_collector()
     try:
         _gateway_server(config, app, settings).run(sockets=[sock])
@@ -208,23 +209,17 @@ def _announce(settings: Settings, info: StartupInfo) -> None:
         )
 
 
-def _plain_refusals(app: Any) -> Any:
-    """The app, but a start the gateway refuses (another secret key, a newer schema) is told
-    in one line by `_serve` instead of a traceback in uvicorn's log."""
+class _QuietRefusal(logging.Filter):
+    """Drops uvicorn's error lines (a traceback, "Application startup failed") once the
+    gateway refused to start (another secret key, a newer schema): `_serve` says why in one
+    line instead. Nothing is added to the path of a request."""
 
-    async def asgi(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self._app = app
 
-        async def send_plainly(message: Any) -> None:
-            if message["type"] == "lifespan.startup.failed" and app.state.refusal is not None:
-                message = {"type": message["type"], "message": ""}
-            await send(message)
-
-        await app(scope, receive, send_plainly)
-
-    return asgi
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._app.state.refusal is None
 
 
 def _settle_garbage_collector() -> None:
