@@ -191,7 +191,6 @@ class Outbox:
         `snapshot(job_id)` the job as its event left it: an event nobody can want (no own or
         pipeline webhook, no explicit subscription) costs one buffered log row."""
         event_types: dict[State, str] = {}
-        log = self._log_rows.append
         for event, pipeline_id, own_url in swept:
             event_type = event_types.get(event.state)
             if event_type is None:
@@ -201,8 +200,7 @@ class Outbox:
                 after = functools.partial(snapshot, job_id)
                 self.job_event_of(event, pipeline_id, own_url, after, pipeline_has_url)
             else:
-                log(("job", job_id, event.sequence, event_type, job_id, None, None, event.at))
-                self.logged += 1
+                self._log("job", job_id, event.sequence, event_type, job_id, None, None, event.at)
 
     def _terminal_artifacts(self, job: Job) -> list[dict[str, Any]]:
         """Every artifact's metadata; the smallest ones, while their total stays within the
