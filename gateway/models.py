@@ -532,7 +532,7 @@ class DeliveryClaim:
     body: bytes
     secrets: tuple[str, ...]
     attempt: int
-    destination: str = ""  # the receiver (URL without query) the per-receiver cap counts
+    destination: str  # the receiver (URL without query) the per-receiver cap counts
 
 
 def endpoint_to_wire(endpoint: Endpoint) -> dict[str, Any]:

@@ -269,7 +269,7 @@ def claim_deliveries(
     room = {d: per_destination - n for d, n in in_flight.items()}
     picked = []
     for row in rows:
-        destination = row[11] or row[5]
+        destination = row[11]
         if room.setdefault(destination, per_destination) > 0:
             room[destination] -= 1
             picked.append(row)
@@ -294,7 +294,7 @@ def claim_deliveries(
                 body=body,
                 secrets=tuple(secrets),
                 attempt=attempts + 1,
-                destination=row[11] or url,
+                destination=row[11],
             )
         )
     if claims:
