@@ -4,6 +4,7 @@ connection the server closed while idle, the snippet limit, and an attempt cut b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ import pytest
 
 from gateway.webhooks.client import WebhookClient
 from gateway.webhooks.guard import parse_networks
+from tests.receivers import poll_until
 
 LOOPBACK = parse_networks("127.0.0.0/8")
 
@@ -18,12 +20,14 @@ LOOPBACK = parse_networks("127.0.0.0/8")
 @dataclass
 class RawServer:
     """Answers each request with `answer`; closes after it when `close_after`; never answers
-    when `answer` is empty. Records each connection's peer port and each request line."""
+    when `answer` is empty. Records each connection's peer port and each request line, and
+    counts the connections it has closed."""
 
     answer: bytes
     close_after: bool = False
     peers: list[int] = field(default_factory=list)
     requests: list[bytes] = field(default_factory=list)
+    closed: int = 0
     port: int = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -48,6 +52,9 @@ class RawServer:
             pass
         finally:
             writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            self.closed += 1
 
 
 Serve = Callable[["RawServer"], Awaitable["RawServer"]]
@@ -92,12 +99,17 @@ async def test_a_connection_the_receiver_closed_while_idle_is_not_reused(serve: 
     connection, and none of them fails."""
     raw = await serve(RawServer(OK, close_after=True))
     client = WebhookClient(LOOPBACK, max_idle=4)
+
+    async def closed() -> int:
+        return raw.closed
+
     try:
         statuses = []
         for _ in range(3):
             answer = await client.post(f"http://127.0.0.1:{raw.port}/h", {}, b"{}", 1024)
             statuses.append(answer.status_code)
-            await asyncio.sleep(0.05)  # lets the close arrive; the client must notice it
+            # the receiver's close has arrived; the client must notice it
+            await poll_until(closed, lambda n: n == len(statuses), what="the receiver's close")
     finally:
         await client.aclose()
     assert statuses == [200, 200, 200]
