@@ -66,7 +66,8 @@ async def test_a_job_made_pending_on_one_replica_wakes_a_long_poll_on_the_other(
             poll = asyncio.create_task(
                 runner_a.post("/api/v1/runner/jobs/request", json={"wait_s": 30})
             )
-            await asyncio.sleep(0)  # the poll is in flight before the job exists
+            # the poll looked at the empty queue (so it can only be woken) before the job exists
+            await asyncio.wait_for(_seen(admin_a, runner["id"]), 10)
             created = await admin_b.post(
                 "/api/v1/jobs", json={"name": "build", "kind": "script", "script": ["true"]}
             )
@@ -82,11 +83,10 @@ async def test_events_logged_on_one_replica_wake_the_other_replicas_streams(
     replicas: list[Starlette],
 ) -> None:
     a, b = replicas
-    woken = asyncio.create_task(a.state.ctx.events.wait(LONG_POLL_RECHECK_S))
-    await asyncio.sleep(0)
+    ticket = a.state.ctx.events.ticket()
     async with client_of(b) as admin_b:
         assert (await admin_b.post("/api/v1/jobs", json={"name": "deploy"})).status_code == 201
-    assert await asyncio.wait_for(woken, WAKE_LIMIT_S) is True
+    assert await a.state.ctx.events.wait(WAKE_LIMIT_S, ticket) is True
 
 
 async def test_a_listener_that_lost_its_connection_reconnects_and_wakes_everyone(
@@ -96,8 +96,7 @@ async def test_a_listener_that_lost_its_connection_reconnects_and_wakes_everyone
     notifier = a.state.ctx.store.notifier
     assert notifier is not None
     pid = notifier.backend_pid
-    woken = asyncio.create_task(a.state.ctx.wakeup.wait(LONG_POLL_RECHECK_S + 5))
-    await asyncio.sleep(0)
+    ticket = a.state.ctx.wakeup.ticket()
     assert settings.postgres_dsn is not None
     conn = await asyncpg.connect(settings.postgres_dsn)
     try:
@@ -106,10 +105,18 @@ async def test_a_listener_that_lost_its_connection_reconnects_and_wakes_everyone
         await conn.close()
     # a notification may have been lost while it was away: once it listens again, its
     # waiters look again
-    assert await asyncio.wait_for(woken, LONG_POLL_RECHECK_S) is True
+    assert await a.state.ctx.wakeup.wait(LONG_POLL_RECHECK_S, ticket) is True
     assert notifier.listening.is_set() and notifier.backend_pid not in (None, pid)
-    woken = asyncio.create_task(a.state.ctx.events.wait(LONG_POLL_RECHECK_S))
-    await asyncio.sleep(0)
+    ticket = a.state.ctx.events.ticket()
     async with client_of(b) as admin_b:
         assert (await admin_b.post("/api/v1/jobs", json={"name": "deploy"})).status_code == 201
-    assert await asyncio.wait_for(woken, WAKE_LIMIT_S) is True
+    assert await a.state.ctx.events.wait(WAKE_LIMIT_S, ticket) is True
+
+
+async def _seen(admin: httpx.AsyncClient, runner_id: str) -> None:
+    """Until the runner's first request reached the store (its last_seen_at is set)."""
+    while True:
+        runners = (await admin.get("/api/v1/runners")).json()["items"]
+        if any(r["id"] == runner_id and r["last_seen_at"] for r in runners):
+            return
+        await asyncio.sleep(0.01)
