@@ -132,6 +132,18 @@ def _route(path: str) -> str:
     return "/".join("{id}" if len(part) == 26 and part.isalnum() else part for part in parts)
 
 
+def _refusal(row: sqlite3.Row | None) -> tuple[int, str] | None:
+    """What a continue-URL call other than the terminal one gets when its job cannot take it:
+    an unknown token, a job that has ended, a job not yet started; None when it can."""
+    if row is None:
+        return 404, "not_found"
+    if row["state"] in TERMINAL:
+        return 409, "already_final"
+    if row["state"] == "created":
+        return 409, "not_ready"
+    return None
+
+
 def _normal(body: dict[str, Any] | None) -> dict[str, Any]:
     return {} if body is None else body
 
@@ -761,13 +773,7 @@ class GatewayMachine(RuleBasedStateMachine):
         """An upload on the URL is a heartbeat; while an async script still runs it is kept
         (the job's result may come before the terminal call); refused once the job ended."""
         row = self.row_by_token(token)
-        status, code = 201, None
-        if row is None:
-            status, code = 404, "not_found"
-        elif row["state"] in TERMINAL:
-            status, code = 409, "already_final"
-        elif row["state"] == "created":
-            status, code = 409, "not_ready"
+        status, code = _refusal(row) or (201, None)
         response = self.call(
             "PUT",
             f"/continue/{token}/artifacts/{name}",
@@ -783,14 +789,9 @@ class GatewayMachine(RuleBasedStateMachine):
 
     def progress_call(self, job: TrackedJob, token: str, action: str) -> None:
         row = self.row_by_token(token)
-        status, code = 200, None
-        if row is None:
-            status, code = 404, "not_found"
-        elif row["state"] in TERMINAL:
-            status, code = 409, "already_final"
-        elif row["state"] == "created":
-            status, code = 409, "not_ready"
-        elif job.is_async and row["state"] in ("pending", "running"):
+        status, code = _refusal(row) or (200, None)
+        parked = row is None or not (job.is_async and row["state"] in ("pending", "running"))
+        if status == 200 and not parked:
             status, code = 409, "not_parked"
         text = b"step 3/7 done\n" if action == "log" else None
         response = self.call("POST", f"/continue/{token}/{action}", content=text)
