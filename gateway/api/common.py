@@ -97,12 +97,10 @@ class WakeUp:
         """What the next notify sets: take it before looking for work, then `wait` on it."""
         return self._event
 
-    async def wait(self, timeout_s: float, ticket: asyncio.Event | None = None) -> bool:
-        """True when woken (since `ticket` was taken; default: now), False when `timeout_s`
-        passed first."""
-        event = self._event if ticket is None else ticket
+    async def wait(self, ticket: asyncio.Event, timeout_s: float) -> bool:
+        """True when woken since `ticket` was taken, False when `timeout_s` passed first."""
         try:
-            await asyncio.wait_for(event.wait(), timeout=timeout_s)
+            await asyncio.wait_for(ticket.wait(), timeout=timeout_s)
         except TimeoutError:
             return False
         return True

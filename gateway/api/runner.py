@@ -140,7 +140,7 @@ async def request_job(request: Request) -> Response:
         remaining = loop_deadline - loop.time()
         if remaining <= 0 or ctx.wakeup.closed:
             return Response(status_code=204)
-        await ctx.wakeup.wait(min(remaining, LONG_POLL_RECHECK_S), ticket)
+        await ctx.wakeup.wait(ticket, min(remaining, LONG_POLL_RECHECK_S))
 
 
 def _handout_response(ctx: Context, handout: HandOut, job_token: str) -> Response:

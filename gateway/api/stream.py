@@ -67,7 +67,7 @@ async def _frames(
             continue
         if ctx.events.closed or await request.is_disconnected():
             return
-        if not await ctx.events.wait(KEEPALIVE_S, ticket):
+        if not await ctx.events.wait(ticket, KEEPALIVE_S):
             yield b": keepalive\n\n"
 
 

@@ -86,7 +86,7 @@ async def test_events_logged_on_one_replica_wake_the_other_replicas_streams(
     ticket = a.state.ctx.events.ticket()
     async with client_of(b) as admin_b:
         assert (await admin_b.post("/api/v1/jobs", json={"name": "deploy"})).status_code == 201
-    assert await a.state.ctx.events.wait(WAKE_LIMIT_S, ticket) is True
+    assert await a.state.ctx.events.wait(ticket, WAKE_LIMIT_S) is True
 
 
 async def test_a_listener_that_lost_its_connection_reconnects_and_wakes_everyone(
@@ -105,12 +105,12 @@ async def test_a_listener_that_lost_its_connection_reconnects_and_wakes_everyone
         await conn.close()
     # a notification may have been lost while it was away: once it listens again, its
     # waiters look again
-    assert await a.state.ctx.wakeup.wait(LONG_POLL_RECHECK_S, ticket) is True
+    assert await a.state.ctx.wakeup.wait(ticket, LONG_POLL_RECHECK_S) is True
     assert notifier.listening.is_set() and notifier.backend_pid not in (None, pid)
     ticket = a.state.ctx.events.ticket()
     async with client_of(b) as admin_b:
         assert (await admin_b.post("/api/v1/jobs", json={"name": "deploy"})).status_code == 201
-    assert await a.state.ctx.events.wait(WAKE_LIMIT_S, ticket) is True
+    assert await a.state.ctx.events.wait(ticket, WAKE_LIMIT_S) is True
 
 
 async def _seen(admin: httpx.AsyncClient, runner_id: str) -> None:
