@@ -26,6 +26,7 @@ log = logging.getLogger("gateway.store.notify")
 MIN_GAP_S = 0.005  # between two NOTIFYs of one replica: at most 200/s
 RECONNECT_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # the last one repeats
 _ALL = frozenset(Signal)
+_NAMES = frozenset(signal.value for signal in Signal)  # others (a newer replica's) are ignored
 _FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -127,7 +128,6 @@ class Notifier:
         origin, _, names = payload.partition(" ")
         if origin == self._origin:
             return
-        known = {signal.value for signal in Signal}
-        signals = frozenset(Signal(name) for name in names.split(",") if name in known)
+        signals = frozenset(Signal(name) for name in names.split(",") if name in _NAMES)
         if signals:
             self._on_signals(signals)
