@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,22 @@ def refused(done: subprocess.CompletedProcess[str], reason: str) -> None:
     assert done.stderr.count("\n") == 1, done.stderr
 
 
+@contextmanager
+def serving(data_dir: Path, *extra: str, env: dict[str, str]) -> Iterator[ServerProcess]:
+    """`gateway serve` on `data_dir` for the block, which it must then leave with exit code 0;
+    killed if the block fails."""
+    server = start_server(data_dir, *extra, env=env)
+    try:
+        yield server
+        assert server.terminate() == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(timeout=10)
+        if server.proc.stdout:
+            server.proc.stdout.close()
+
+
 @dataclass
 class Source:
     """A stopped SQLite gateway's data dir, its export, and what it showed before it stopped."""
@@ -98,47 +114,41 @@ def source(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Sour
     token, a subscription and an implicit one, deliveries pending; stopped, then exported."""
     root = tmp_path_factory.mktemp("source")
     # An empty GATEWAY_SECRET_KEY counts as unset: the key is generated into the data dir.
-    server = start_server(root / "data", env={"GATEWAY_SECRET_KEY": "", **WEBHOOK_ENV})
-    try:
-        with server.client() as http:
-            made = http.post("/api/v1/webhooks", json={"url": receiver.url("/all")})
-            assert made.status_code == 201, made.text
-            parked = http.post(
-                "/api/v1/jobs", json={"name": "provision", "state_webhook_url": receiver.url()}
-            ).json()
-            url = parked["continue_url"]
-            assert httpx.post(f"{url}/log", content=b"node n42 is booting\n").status_code < 300
-            uploaded = httpx.put(
-                f"{url}/artifacts/report.bin",
-                content=ARTIFACT,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            assert uploaded.status_code == 201, uploaded.text
-            finished = http.post("/api/v1/jobs", json={"name": "done"}).json()
-            assert httpx.post(finished["continue_url"], json={"message": "ok"}).status_code == 200
-            first = http.post("/api/v1/jobs", json={"name": "flaky"}).json()
-            assert http.post(f"/api/v1/jobs/{first['id']}/cancel").status_code == 200
-            assert http.post(f"/api/v1/jobs/{first['id']}/retry").status_code == 201
-            pipeline = {
-                "name": "release",
-                "jobs": {
-                    "build": {"script": ["make"]},
-                    "ship": {"kind": "external", "needs": ["build"]},
-                },
-            }
-            assert http.post("/api/v1/pipelines", json=pipeline).status_code == 201
-            viewer = http.post("/api/v1/tokens", json={"name": "wall", "scope": "viewer"})
-            assert viewer.status_code == 201, viewer.text
-            wait_for(lambda: len(receiver.received) >= 3, "the first webhook attempts to fail")
-            jobs = http.get("/api/v1/jobs", params={"limit": 500}).json()["items"]
-            events = http.get(f"/api/v1/jobs/{parked['id']}/events").json()["items"]
-        assert server.terminate() == 0
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(timeout=10)
-        if server.proc.stdout:
-            server.proc.stdout.close()
+    with (
+        serving(root / "data", env={"GATEWAY_SECRET_KEY": "", **WEBHOOK_ENV}) as server,
+        server.client() as http,
+    ):
+        made = http.post("/api/v1/webhooks", json={"url": receiver.url("/all")})
+        assert made.status_code == 201, made.text
+        parked = http.post(
+            "/api/v1/jobs", json={"name": "provision", "state_webhook_url": receiver.url()}
+        ).json()
+        url = parked["continue_url"]
+        assert httpx.post(f"{url}/log", content=b"node n42 is booting\n").status_code < 300
+        uploaded = httpx.put(
+            f"{url}/artifacts/report.bin",
+            content=ARTIFACT,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        finished = http.post("/api/v1/jobs", json={"name": "done"}).json()
+        assert httpx.post(finished["continue_url"], json={"message": "ok"}).status_code == 200
+        first = http.post("/api/v1/jobs", json={"name": "flaky"}).json()
+        assert http.post(f"/api/v1/jobs/{first['id']}/cancel").status_code == 200
+        assert http.post(f"/api/v1/jobs/{first['id']}/retry").status_code == 201
+        pipeline = {
+            "name": "release",
+            "jobs": {
+                "build": {"script": ["make"]},
+                "ship": {"kind": "external", "needs": ["build"]},
+            },
+        }
+        assert http.post("/api/v1/pipelines", json=pipeline).status_code == 201
+        viewer = http.post("/api/v1/tokens", json={"name": "wall", "scope": "viewer"})
+        assert viewer.status_code == 201, viewer.text
+        wait_for(lambda: len(receiver.received) >= 3, "the first webhook attempts to fail")
+        jobs = http.get("/api/v1/jobs", params={"limit": 500}).json()["items"]
+        events = http.get(f"/api/v1/jobs/{parked['id']}/events").json()["items"]
     receiver.set_default(Reply(200))
     export = root / "gateway.jsonl"
     done = gateway("export", "--data-dir", str(root / "data"), str(export))
@@ -218,13 +228,8 @@ def test_sqlite_to_sqlite_round_trip(source: Source, receiver: Receiver, tmp_pat
     )
     assert wrong.returncode != 0 and "GATEWAY_SECRET_KEY differs" in wrong.stderr, wrong.stderr
     before = len(receiver.received)
-    server = start_server(tmp_path / "data", "--db", target, env={**source.keys(), **WEBHOOK_ENV})
-    try:
+    with serving(tmp_path / "data", "--db", target, env={**source.keys(), **WEBHOOK_ENV}) as server:
         assert_moved(source, receiver, server, before)
-    finally:
-        assert server.terminate() == 0
-        if server.proc.stdout:
-            server.proc.stdout.close()
     with closing(sqlite3.connect(tmp_path / "moved.sqlite3")) as conn:
         jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
     refused(gateway("import", "--db", target, str(source.export)), "not empty")
@@ -245,15 +250,10 @@ def test_sqlite_to_postgres(source: Source, receiver: Receiver, tmp_path: Path) 
         done = gateway("import", "--db", target, str(source.export))
         assert done.returncode == 0, done.stderr
         before = len(receiver.received)
-        server = start_server(
+        with serving(
             tmp_path / "data", "--db", target, env={**source.keys(), **WEBHOOK_ENV}
-        )
-        try:
+        ) as server:
             assert_moved(source, receiver, server, before)
-        finally:
-            assert server.terminate() == 0
-            if server.proc.stdout:
-                server.proc.stdout.close()
         refused(gateway("import", "--db", target, str(source.export)), "not empty")
         # ...and back: the PostgreSQL database exports to a file a SQLite target imports.
         back = tmp_path / "back.jsonl.gz"
@@ -367,17 +367,12 @@ def test_the_docs_move_recipe_runs_as_written(source: Source, tmp_path: Path) ->
             "GATEWAY_WEBHOOK_SECRET": webhook_secret,
             **WEBHOOK_ENV,
         }
-        server = start_server(tmp_path / "gateway-data", "--db", target, env=env)
-        try:
+        with serving(tmp_path / "gateway-data", "--db", target, env=env) as server:
             assert server.token == admin_token
             with server.client() as http:
                 assert (
                     http.get("/api/v1/jobs", params={"limit": 500}).json()["items"] == source.jobs
                 )
-        finally:
-            assert server.terminate() == 0
-            if server.proc.stdout:
-                server.proc.stdout.close()
 
     dsn = os.environ.get(POSTGRES_DSN_VARIABLE)
     if dsn:
