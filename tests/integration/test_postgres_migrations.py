@@ -76,6 +76,15 @@ async def _postgres_columns(url: str, schema: str) -> dict[str, list[str]]:
     return {table: sorted(names) for table, names in columns.items()}
 
 
+async def _applied_versions(url: str) -> list[int]:
+    """The versions schema_migrations records, in order."""
+    conn = await asyncpg.connect(url)
+    try:
+        return sorted(row[0] for row in await conn.fetch("SELECT version FROM schema_migrations"))
+    finally:
+        await conn.close()
+
+
 def _gateway_migrate(url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     return subprocess.run(
@@ -109,12 +118,7 @@ async def test_gateway_migrate_builds_the_sqlite_schema_once(
     assert columns == expected
     again = await asyncio.to_thread(_gateway_migrate, url, tmp_path)
     assert again.returncode == 0, again.stderr
-    conn = await asyncpg.connect(url)
-    try:
-        versions = [row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")]
-    finally:
-        await conn.close()
-    assert sorted(versions) == _versions("postgres")
+    assert await _applied_versions(url) == _versions("postgres")
 
 
 async def test_replicas_starting_together_migrate_once(schema_url: tuple[str, str]) -> None:
@@ -129,12 +133,7 @@ async def test_replicas_starting_together_migrate_once(schema_url: tuple[str, st
     finally:
         for store in stores:
             await store.close()
-    conn = await asyncpg.connect(url)
-    try:
-        versions = [row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")]
-    finally:
-        await conn.close()
-    assert sorted(versions) == _versions("postgres")
+    assert await _applied_versions(url) == _versions("postgres")
 
 
 async def test_a_schema_newer_than_the_code_is_refused(
