@@ -164,15 +164,19 @@ async def app(settings: Settings, clock: ManualClock) -> AsyncIterator[Starlette
         yield application
 
 
+def admin_client(app: Starlette, token: str = ADMIN_TOKEN) -> httpx.AsyncClient:
+    """A client of `app` (its lifespan run elsewhere) sending `token`, the admin's by default."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url=BASE_URL,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
 @pytest.fixture
 async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     """An admin-authenticated client of the app."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(
-        transport=transport,
-        base_url=BASE_URL,
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as http:
+    async with admin_client(app) as http:
         yield http
 
 
