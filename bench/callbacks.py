@@ -64,15 +64,20 @@ from urllib.parse import urlsplit
 from harness import (
     ADMIN_TOKEN,
     ROOT,
+    BenchError,
     Cluster,
     HarnessError,
+    Row,
     Server,
+    Summary,
     database_name,
     describe_checkout,
+    fail_if,
     is_postgres_url,
     percentile,
     postgres_cpu_s,
     postgres_database,
+    print_table,
     run_async,
     running,
     start_gateway,
@@ -99,10 +104,6 @@ GOAL_RSS_MB = 60.0
 GOAL_SWEEP_S = 2.0
 SWEEP_JOBS = 100_000
 ROUNDS = 4
-
-
-class BenchError(Exception):
-    """A correctness check failed: the figures of this run mean nothing."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,11 +371,6 @@ class Results:
     def ratio(self) -> float:
         assert self.gateway is not None and self.raw is not None
         return self.gateway.per_s / self.raw.per_s
-
-
-def fail_if(condition: bool, message: str) -> None:
-    if condition:
-        raise BenchError(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -803,18 +799,13 @@ async def _sweep(db_path: Path | None, dsn: str | None, now: float) -> tuple[int
 # --------------------------------------------------------------------------------------------
 
 
-def summary(results: Results) -> list[tuple[str, str, str, str]]:
+def summary(results: Results) -> list[Row]:
     """The table's rows: figure, value, goal, met?"""
     gateway, raw = results.gateway, results.raw
     assert gateway is not None and raw is not None
     c, parked = results.clients, f"{results.parked:,}"
-    rows: list[tuple[str, str, str, str]] = []
-
-    def info(figure: str, value: str) -> None:
-        rows.append((figure, value, "-", "-"))
-
-    def goal(figure: str, value: str, target: str, met: bool) -> None:
-        rows.append((figure, value, target, "yes" if met else "NO"))
+    table = Summary()
+    info, goal, rows = table.info, table.goal, table.rows
 
     info("job creation via API (jobs/s)", f"{results.create_per_s:,.0f}")
     info(f"gateway callbacks/s ({c} clients)", f"{gateway.per_s:,.0f}")
@@ -848,14 +839,6 @@ def summary(results: Results) -> list[tuple[str, str, str, str]]:
     target = f"<= {GOAL_SWEEP_S:.0f} s"
     goal(f"sweep {SWEEP_JOBS:,} expired deadlines", f"{sweep:.2f} s", target, sweep <= GOAL_SWEEP_S)
     return rows
-
-
-def print_table(rows: list[tuple[str, str, str, str]]) -> None:
-    header = ("figure", "value", "goal", "met?")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    print()
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,16 +66,21 @@ from urllib.parse import urlsplit
 from harness import (
     ADMIN_TOKEN,
     ROOT,
+    BenchError,
     Cluster,
     Gateway,
     HarnessError,
+    Row,
+    Summary,
     database_name,
     describe_checkout,
     end_process,
+    fail_if,
     is_postgres_url,
     percentile,
     postgres_cpu_s,
     postgres_database,
+    print_table,
 )
 
 REQUEST_TIMEOUT_S = 30.0
@@ -88,15 +93,6 @@ CREATE_CLIENTS = 10
 GOAL_WAKE_P99_MS = 50.0
 GOAL_CROSS_WAKE_P99_MS = 100.0  # issue 5: a job made pending on replica B wakes a runner on A
 GOAL_ASYNC_RUNNER_S = 1.0
-
-
-class BenchError(Exception):
-    """A correctness check failed: the figures of this run mean nothing."""
-
-
-def fail_if(condition: bool, message: str) -> None:
-    if condition:
-        raise BenchError(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,16 +725,11 @@ def wait_for_jobs(
 # --------------------------------------------------------------------------------------------
 
 
-def summary(results: Results) -> list[tuple[str, str, str, str]]:
+def summary(results: Results) -> list[Row]:
     """The table's rows: figure, value, goal, met?"""
     r, w = results.runners, results.wait_s
-    rows: list[tuple[str, str, str, str]] = []
-
-    def info(figure: str, value: str) -> None:
-        rows.append((figure, value, "-", "-"))
-
-    def goal(figure: str, value: str, target: str, met: bool) -> None:
-        rows.append((figure, value, target, "yes" if met else "NO"))
+    table = Summary()
+    info, goal, rows = table.info, table.goal, table.rows
 
     info(f"hand-outs/s, request->confirm->exit ({r} runners)", f"{results.handouts_per_s:,.0f}")
     info("hand-out cycle p50 / p99", f"{results.cycle_p50_ms:.1f} / {results.cycle_p99_ms:.1f} ms")
@@ -777,14 +768,6 @@ def summary(results: Results) -> list[tuple[str, str, str, str]]:
     info("async job: started -> success", f"{results.async_total_s:.1f} s")
     info("runner slots busy mid-wait (of 2)", str(results.busy_slots_during_wait))
     return rows
-
-
-def print_table(rows: list[tuple[str, str, str, str]]) -> None:
-    header = ("figure", "value", "goal", "met?")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    print()
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,6 +63,42 @@ class HarnessError(Exception):
     """A process did not start (or a database could not be made); the message has its log."""
 
 
+class BenchError(Exception):
+    """A correctness check failed: the figures of this run mean nothing."""
+
+
+def fail_if(condition: bool, message: str) -> None:
+    if condition:
+        raise BenchError(message)
+
+
+Row = tuple[str, str, str, str]
+"""A line of a benchmark's summary table: figure, value, goal, met?"""
+
+
+class Summary:
+    """A benchmark's summary table, a row at a time: `info` for a figure with no goal, `goal`
+    for one measured against its goal."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+
+    def info(self, figure: str, value: str) -> None:
+        self.rows.append((figure, value, "-", "-"))
+
+    def goal(self, figure: str, value: str, target: str, met: bool) -> None:
+        self.rows.append((figure, value, target, "yes" if met else "NO"))
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    """The summary table in aligned columns, after a blank line."""
+    header = ("figure", "value", "goal", "met?")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    print()
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
 # --------------------------------------------------------------------------------------------
 # Small pieces
 # --------------------------------------------------------------------------------------------

@@ -61,12 +61,17 @@ from harness import (
     ADMIN_TOKEN,
     ROOT,
     SECRET_KEY,
+    BenchError,
     Gateway,
     HarnessError,
+    Row,
+    Summary,
     describe_checkout,
+    fail_if,
     is_postgres_url,
     percentile,
     postgres_database,
+    print_table,
     process_cpu_s,
     run_async,
     running,
@@ -102,15 +107,6 @@ EXPECTED = {
     "exit": 200,
 }
 TERMINAL = ("success", "failed", "canceled", "skipped")
-
-
-class BenchError(Exception):
-    """A correctness check failed: the figures of this run mean nothing."""
-
-
-def fail_if(condition: bool, message: str) -> None:
-    if condition:
-        raise BenchError(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -821,15 +817,10 @@ def check_audit(audit: dict[str, int], figures: Figures, soak: Soak) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def summary(figures: Figures) -> list[tuple[str, str, str, str]]:
+def summary(figures: Figures) -> list[Row]:
     """The table's rows: figure, value, goal, met?"""
-    rows: list[tuple[str, str, str, str]] = []
-
-    def info(figure: str, value: str) -> None:
-        rows.append((figure, value, "-", "-"))
-
-    def goal(figure: str, value: str, target: str, met: bool) -> None:
-        rows.append((figure, value, target, "yes" if met else "NO"))
+    table = Summary()
+    info, goal, rows = table.info, table.goal, table.rows
 
     o = figures.outcomes
     info("callbacks answered 200", f"{o.get('callback 200', 0):,}")
@@ -877,14 +868,6 @@ def summary(figures: Figures) -> list[tuple[str, str, str, str]]:
 
 def goals_met(figures: Figures) -> bool:
     return figures.errors == 0 and abs(figures.rss_drift) <= GOAL_RSS_DRIFT
-
-
-def print_table(rows: list[tuple[str, str, str, str]]) -> None:
-    header = ("figure", "value", "goal", "met?")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    print()
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def run_load(soak: Soak) -> None:

@@ -55,14 +55,19 @@ from urllib.parse import urlsplit
 
 from harness import (
     ADMIN_TOKEN,
+    BenchError,
     Gateway,
     HarnessError,
+    Row,
+    Summary,
     database_name,
     describe_checkout,
+    fail_if,
     is_postgres_url,
     percentile,
     postgres_cpu_s,
     postgres_database,
+    print_table,
     process_cpu_s,
     running,
     start_gateway,
@@ -80,15 +85,6 @@ ARRIVAL_TIMEOUT_S = 120.0
 GOAL_PER_S = 2000.0
 GOAL_P99_MS = 100.0
 GOAL_HANG_RATIO = 1.2
-
-
-class BenchError(Exception):
-    """A correctness check failed: the figures of this run mean nothing."""
-
-
-def fail_if(condition: bool, message: str) -> None:
-    if condition:
-        raise BenchError(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,15 +659,10 @@ def bench_latency(
 # --------------------------------------------------------------------------------------------
 
 
-def summary(results: Results) -> list[tuple[str, str, str, str]]:
-    rows: list[tuple[str, str, str, str]] = []
+def summary(results: Results) -> list[Row]:
+    table = Summary()
+    info, goal, rows = table.info, table.goal, table.rows
     rate = results.rate
-
-    def goal(figure: str, value: str, target: str, met: bool) -> None:
-        rows.append((figure, value, target, "yes" if met else "NO"))
-
-    def info(figure: str, value: str) -> None:
-        rows.append((figure, value, "-", "-"))
 
     per_s = results.throughput_per_s
     goal(
@@ -704,14 +695,6 @@ def summary(results: Results) -> list[tuple[str, str, str, str]]:
         else:  # both sides are queueing behind a saturated dispatcher: the ratio means nothing
             rows.append((figure, value, f"<= x{GOAL_HANG_RATIO:.1f}", "n/a (saturated)"))
     return rows
-
-
-def print_table(rows: list[tuple[str, str, str, str]]) -> None:
-    header = ("figure", "value", "goal", "met?")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    print()
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
