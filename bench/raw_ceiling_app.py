@@ -25,7 +25,7 @@ import json
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,23 @@ def _callback_fields(raw: bytes) -> tuple[str | None, str | None] | None:
     return (None if outputs is None else json.dumps(outputs)), body.get("message")
 
 
+async def readyz(request: Request) -> Response:
+    return JSONResponse({"status": "ready"})
+
+
+def _app(
+    post_continue: Callable[[Request], Awaitable[Response]], lifespan: Any = None
+) -> Starlette:
+    """The two routes of either store's app: `POST /continue/{token}` and `GET /readyz`."""
+    return Starlette(
+        routes=[
+            Route("/continue/{token}", post_continue, methods=["POST"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
 def create_postgres_app(dsn: str) -> Starlette:
     import asyncpg
 
@@ -197,16 +214,7 @@ def create_postgres_app(dsn: str) -> Starlette:
             await conn.execute(insert_event, job_id, sequence + 1, now)
         return JSONResponse({"job_id": job_id, "state": "success"})
 
-    async def readyz(request: Request) -> Response:
-        return JSONResponse({"status": "ready"})
-
-    return Starlette(
-        routes=[
-            Route("/continue/{token}", post_continue, methods=["POST"]),
-            Route("/readyz", readyz, methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
+    return _app(post_continue, lifespan)
 
 
 def create_app(db_path: Path) -> Starlette:
@@ -242,15 +250,7 @@ def create_app(db_path: Path) -> Starlette:
             raise
         return JSONResponse({"job_id": job_id, "state": "success"})
 
-    async def readyz(request: Request) -> Response:
-        return JSONResponse({"status": "ready"})
-
-    return Starlette(
-        routes=[
-            Route("/continue/{token}", post_continue, methods=["POST"]),
-            Route("/readyz", readyz, methods=["GET"]),
-        ]
-    )
+    return _app(post_continue)
 
 
 def main() -> None:
