@@ -164,7 +164,7 @@ async def app(settings: Settings, clock: ManualClock) -> AsyncIterator[Starlette
         yield application
 
 
-def admin_client(app: Starlette, token: str = ADMIN_TOKEN) -> httpx.AsyncClient:
+def api_client(app: Starlette, token: str = ADMIN_TOKEN) -> httpx.AsyncClient:
     """A client of `app` (its lifespan run elsewhere) sending `token`, the admin's by default."""
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
@@ -176,7 +176,7 @@ def admin_client(app: Starlette, token: str = ADMIN_TOKEN) -> httpx.AsyncClient:
 @pytest.fixture
 async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     """An admin-authenticated client of the app."""
-    async with admin_client(app) as http:
+    async with api_client(app) as http:
         yield http
 
 

@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.clock import ManualClock, rfc3339
 from gateway.config import DEFAULT_CALLBACK_TIMEOUT_S, Settings
 from gateway.store.base import encode_cursor
-from tests.conftest import BASE_URL, admin_client, continue_path, create_job
+from tests.conftest import BASE_URL, api_client, continue_path, create_job
 
 WEBHOOK_SECRET = "whsec_c2VjcmV0LXNpZ25pbmcta2V5LWZvci10ZXN0cy0wMTIzNDU2Nzg5YWI="
 
@@ -147,7 +147,7 @@ async def test_default_callback_timeout_comes_from_settings(
         settings, data_dir=tmp_path / "custom", default_callback_timeout_s=600
     )
     application = create_app(custom, clock=clock, run_sweeper=False)
-    async with application.router.lifespan_context(application), admin_client(application) as http:
+    async with application.router.lifespan_context(application), api_client(application) as http:
         defaulted = await create_job(http)
         explicit = await create_job(http, callback_timeout_s=60)
     assert defaulted["deadline_at"] == rfc3339(clock.now() + 600)

@@ -17,7 +17,7 @@ from gateway.clock import ManualClock, rfc3339
 from gateway.config import DEFAULT_CALLBACK_TIMEOUT_S, Settings
 from gateway.metrics import Metrics
 from gateway.sweeper import Sweeper
-from tests.conftest import ADMIN_TOKEN, BASE_URL, continue_path, create_job, read_db, sweep
+from tests.conftest import api_client, continue_path, create_job, read_db, sweep
 
 
 async def fetch_job(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
@@ -154,22 +154,17 @@ async def test_configured_default_callback_timeout_applies_to_jobs_and_retries(
     """A configured default callback timeout binds jobs that name none, and their retries."""
     configured = dataclasses.replace(settings, default_callback_timeout_s=600)
     application = create_app(configured, clock=clock, run_sweeper=False)
-    async with application.router.lifespan_context(application):
-        transport = httpx.ASGITransport(app=application)
-        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        async with httpx.AsyncClient(
-            transport=transport, base_url=BASE_URL, headers=headers
-        ) as http:
-            job = await create_job(http, heartbeat_timeout_s=3600)
-            assert job["deadline_at"] == rfc3339(clock.now() + 600)
-            named = await create_job(http, callback_timeout_s=900)
-            assert named["deadline_at"] == rfc3339(clock.now() + 900)
-            clock.advance(601)
-            assert await sweep(application) == 1
-            await assert_failed(http, job["id"], "callback_timeout")
-            retried = await http.post(f"/api/v1/jobs/{job['id']}/retry")
-            assert retried.status_code == 201
-            assert retried.json()["deadline_at"] == rfc3339(clock.now() + 600)
+    async with application.router.lifespan_context(application), api_client(application) as http:
+        job = await create_job(http, heartbeat_timeout_s=3600)
+        assert job["deadline_at"] == rfc3339(clock.now() + 600)
+        named = await create_job(http, callback_timeout_s=900)
+        assert named["deadline_at"] == rfc3339(clock.now() + 900)
+        clock.advance(601)
+        assert await sweep(application) == 1
+        await assert_failed(http, job["id"], "callback_timeout")
+        retried = await http.post(f"/api/v1/jobs/{job['id']}/retry")
+        assert retried.status_code == 201
+        assert retried.json()["deadline_at"] == rfc3339(clock.now() + 600)
 
 
 async def test_sweeping_twice_fires_nothing_the_second_time(
@@ -270,22 +265,14 @@ async def test_deadline_passed_while_down_fires_in_the_first_sweep_after_start(
 ) -> None:
     """Deadlines are stored: one that passed while the server was stopped fires in the first
     sweep of a new app on the same database."""
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     first = create_app(settings, clock=clock, run_sweeper=False)
-    async with first.router.lifespan_context(first):
-        transport = httpx.ASGITransport(app=first)
-        async with httpx.AsyncClient(
-            transport=transport, base_url=BASE_URL, headers=headers
-        ) as http:
-            job = await create_job(http, callback_timeout_s=60)
+    async with first.router.lifespan_context(first), api_client(first) as http:
+        job = await create_job(http, callback_timeout_s=60)
     clock.advance(3600)
     second = create_app(settings, clock=clock, run_sweeper=False)
     async with second.router.lifespan_context(second):
         assert await sweep(second) == 1
-        transport = httpx.ASGITransport(app=second)
-        async with httpx.AsyncClient(
-            transport=transport, base_url=BASE_URL, headers=headers
-        ) as http:
+        async with api_client(second) as http:
             await assert_failed(http, job["id"], "callback_timeout")
 
 

@@ -12,18 +12,10 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway.config import Settings
-from tests.conftest import BASE_URL, continue_path, create_job, read_db
+from tests.conftest import api_client, continue_path, create_job, read_db
 
 SOME_ULID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 _PARAM = re.compile(r"\{[^}]+\}")
-
-
-def bearer(app: Starlette, token: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url=BASE_URL,
-        headers={"Authorization": f"Bearer {token}"},
-    )
 
 
 async def new_token(client: httpx.AsyncClient, name: str, scope: str | None) -> dict[str, Any]:
@@ -81,7 +73,7 @@ async def test_a_viewer_token_reads_and_every_write_is_forbidden(
     answers 403 `forbidden` before looking at the body, and changes nothing."""
     job = await create_job(client)
     viewer = await new_token(client, "viewer", "viewer")
-    async with bearer(app, viewer["token"]) as http:
+    async with api_client(app, viewer["token"]) as http:
         assert (await http.get("/api/v1/jobs")).status_code == 200
         assert (await http.get(f"/api/v1/jobs/{job['id']}")).status_code == 200
         assert (await http.get("/api/v1/pipelines")).status_code == 200
@@ -101,7 +93,7 @@ async def test_a_viewer_token_reads_and_every_write_is_forbidden(
 async def test_only_admins_manage_tokens(app: Starlette, client: httpx.AsyncClient) -> None:
     """A viewer token cannot list, create or revoke tokens (403)."""
     viewer = await new_token(client, "viewer", "viewer")
-    async with bearer(app, viewer["token"]) as http:
+    async with api_client(app, viewer["token"]) as http:
         assert (await http.get("/api/v1/tokens")).status_code == 403
         refused = await http.post("/api/v1/tokens", json={"name": "x", "scope": "admin"})
         assert refused.status_code == 403
@@ -114,7 +106,7 @@ async def test_scope_defaults_to_admin_and_an_admin_token_writes(
     """A token created without a scope is an admin token: it creates jobs."""
     created = await new_token(client, "deployer", None)
     assert created["scope"] == "admin"
-    async with bearer(app, created["token"]) as http:
+    async with api_client(app, created["token"]) as http:
         assert (await http.post("/api/v1/jobs", json={"name": "x"})).status_code == 201
 
 
@@ -122,7 +114,7 @@ async def test_a_revoked_token_stops_at_once(app: Starlette, client: httpx.Async
     """DELETE revokes: the token answers 401 on its next call (no cache grace on this server),
     the listing shows when, and a second revoke is 404."""
     created = await new_token(client, "short-lived", "admin")
-    async with bearer(app, created["token"]) as http:
+    async with api_client(app, created["token"]) as http:
         assert (await http.get("/api/v1/jobs")).status_code == 200  # now cached
         assert (await client.delete(f"/api/v1/tokens/{created['id']}")).status_code == 204
         refused = await http.get("/api/v1/jobs")
@@ -184,7 +176,7 @@ async def test_bad_token_bodies_are_refused(
 async def test_runner_tokens_are_not_api_tokens(app: Starlette, client: httpx.AsyncClient) -> None:
     """A runner token cannot call the tokens API (401)."""
     runner = (await client.post("/api/v1/runners", json={})).json()
-    async with bearer(app, runner["token"]) as http:
+    async with api_client(app, runner["token"]) as http:
         assert (await http.get("/api/v1/tokens")).status_code == 401
 
 
@@ -208,7 +200,7 @@ async def test_a_viewer_still_reads_a_continue_url_it_cannot_finish(
     """Scopes apply to API tokens only: continue URLs stay their own credential."""
     job = await create_job(client)
     viewer = await new_token(client, "viewer", "viewer")
-    async with bearer(app, viewer["token"]) as http:
+    async with api_client(app, viewer["token"]) as http:
         done = await http.post(continue_path(job), json={})
     assert done.status_code == 200
     assert done.json()["state"] == "success"

@@ -32,7 +32,7 @@ from gateway.config import Settings
 from gateway.models import EndpointSpec
 from gateway.webhooks.client import WebhookClient
 from gateway.webhooks.guard import BlockedAddress, parse_networks
-from tests.conftest import ADMIN_TOKEN, BASE_URL, SECRET_KEY, admin_client, continue_path
+from tests.conftest import ADMIN_TOKEN, BASE_URL, SECRET_KEY, api_client, continue_path
 from tests.receivers import Received, Receiver, Reply, poll_until
 
 SERVER_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"server-webhook-secret-for-tests!").decode()
@@ -87,7 +87,7 @@ def gateway_settings(tmp_path: Path, **overrides: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def running(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     """The app's lifespan (store, dispatcher) and an admin client of it."""
-    async with app.router.lifespan_context(app), admin_client(app) as client:
+    async with app.router.lifespan_context(app), api_client(app) as client:
         yield client
 
 
