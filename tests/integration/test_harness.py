@@ -94,7 +94,8 @@ def test_two_replicas_on_a_fresh_database_survive_a_kill(tmp_path: Path) -> None
             zero, one = cluster.gateways
             assert zero.url != one.url
             job = park_job(zero.url)
-            assert job["continue_url"].startswith(cluster.public_url or "")
+            assert cluster.public_url is not None
+            assert job["continue_url"].startswith(cluster.public_url)
             answer = httpx.post(with_host(job["continue_url"], one.url), json={}, timeout=10)
             assert answer.status_code == 200 and answer.json()["state"] == "success"
             cluster.kill(1)
