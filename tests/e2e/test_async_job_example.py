@@ -134,7 +134,9 @@ def receiver() -> Iterator[Receiver]:
 def event(event_type: str, sequence: int, job_id: str = "01J0000000000000000000000A") -> bytes:
     state = event_type.split(".")[1]
     data = {"id": job_id, "state": state, "sequence": sequence, "artifacts": []}
-    return json.dumps({"type": event_type, "timestamp": "2025-01-01T00:00:00Z", "data": data})
+    return json.dumps(
+        {"type": event_type, "timestamp": "2025-01-01T00:00:00Z", "data": data}
+    ).encode()
 
 
 def test_receiver_accepts_a_signed_event_once_and_dedupes_by_webhook_id(
@@ -142,7 +144,7 @@ def test_receiver_accepts_a_signed_event_once_and_dedupes_by_webhook_id(
 ) -> None:
     """An event signed by the independent `standardwebhooks` package is printed and answered
     200; the same webhook-id again is a duplicate, answered 200 without being handled twice."""
-    body = event("job.running", 2).encode()
+    body = event("job.running", 2)
     now = int(time.time())
     message_id = "job_01J0000000000000000000000A_1"
     signature = Webhook(SECRET).sign(message_id, datetime.fromtimestamp(now, UTC), body.decode())
@@ -171,7 +173,7 @@ def test_receiver_rejects_what_the_gateway_did_not_sign_just_now(
 ) -> None:
     """Bad signatures, tampered bodies, timestamps over 5 minutes away and missing headers
     get 401 and are not handled."""
-    body = event("job.success", 3).encode()
+    body = event("job.success", 3)
     now = int(time.time())
     message_id = "job_01J0000000000000000000000A_1"
     if case == "wrong_secret":
@@ -197,7 +199,7 @@ def test_receiver_rejects_what_the_gateway_did_not_sign_just_now(
 
 def test_receiver_accepts_any_signature_while_a_secret_rotates(receiver: Receiver) -> None:
     """With `v1,<new> v1,<old>` the receiver that knows only the old secret still verifies."""
-    body = event("job.pending", 1).encode()
+    body = event("job.pending", 1)
     status, line = receiver.send(body, secrets=(signing.new_secret(), SECRET))
     assert status == 200
     assert line.startswith("event job.pending")
@@ -208,8 +210,8 @@ def test_receiver_drops_the_first_delivery_of_a_type_then_applies_only_newer_eve
 ) -> None:
     """`--drop-first job.failed` answers 500 once, the retry is handled; an event whose
     sequence is older than one already applied is acknowledged but marked late."""
-    failed = event("job.failed", 3).encode()
-    running = event("job.running", 2).encode()
+    failed = event("job.failed", 3)
+    running = event("job.running", 2)
     first = receiver.send(failed, message_id="job_01J0000000000000000000000A_3")
     assert first[0] == 500
     assert first[1].startswith("dropped job.failed")
