@@ -79,6 +79,7 @@ from harness import (
     postgres_database,
     print_table,
     run_async,
+    run_fast,
     running,
     start_gateway,
     start_server,
@@ -223,14 +224,7 @@ async def _drive(
 def _load_in_child(
     targets: Sequence[tuple[str, int]], requests: Sequence[bytes], clients: int, keep_bodies: bool
 ) -> LoadResult:
-    try:
-        import uvloop
-
-        loop_factory: Any = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_drive(targets, requests, clients, keep_bodies))
+    return run_fast(_drive(targets, requests, clients, keep_bodies))
 
 
 class LoadGenerator:

@@ -81,6 +81,7 @@ from harness import (
     postgres_cpu_s,
     postgres_database,
     print_table,
+    run_fast,
 )
 
 REQUEST_TIMEOUT_S = 30.0
@@ -354,23 +355,16 @@ async def _wakeups(
 
 
 def _in_child(phase: str, urls: list[str], runner_token: str, count: int, runners: int) -> Any:
-    try:
-        import uvloop
-
-        loop_factory: Any = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
     targets = []
     for url in urls:
         parts = urlsplit(url)
         assert parts.hostname == "127.0.0.1" and parts.port is not None, "loopback only"
         targets.append((parts.hostname, parts.port))
-    with asyncio.Runner(loop_factory=loop_factory) as loop:
-        if phase == "create":
-            return loop.run(create_script_jobs(targets, count))
-        if phase == "hand-outs":
-            return loop.run(_hand_outs(targets, runner_token, runners))
-        return loop.run(_wakeups(targets, runner_token, count, runners))
+    if phase == "create":
+        return run_fast(create_script_jobs(targets, count))
+    if phase == "hand-outs":
+        return run_fast(_hand_outs(targets, runner_token, runners))
+    return run_fast(_wakeups(targets, runner_token, count, runners))
 
 
 class RunnerClients:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -568,6 +568,19 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T:
         raise outcome["error"]
     value: T = outcome["value"]
     return value
+
+
+def run_fast(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to completion on a new event loop: uvloop's when it is installed (the load
+    generators and receivers run on it), asyncio's own else."""
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main)
 
 
 def database_dsn(dsn: str, database: str) -> str:

@@ -74,6 +74,7 @@ from harness import (
     print_table,
     process_cpu_s,
     run_async,
+    run_fast,
     running,
     start_gateway,
 )
@@ -871,14 +872,7 @@ def goals_met(figures: Figures) -> bool:
 
 
 def run_load(soak: Soak) -> None:
-    try:
-        import uvloop
-
-        loop_factory: Any = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(soak.run())
+    run_fast(soak.run())
 
 
 def soak_once(work: Path, db: str | None, figures: Figures) -> tuple[Soak, dict[str, int]]:

@@ -69,6 +69,7 @@ from harness import (
     postgres_database,
     print_table,
     process_cpu_s,
+    run_fast,
     running,
     start_gateway,
 )
@@ -222,14 +223,7 @@ async def _call(function: Any, *args: Any) -> Any:
 
 
 def _receiver_main(conn: Connection) -> None:
-    try:
-        import uvloop
-
-        loop_factory: Any = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_receive(conn))
+    run_fast(_receive(conn))
 
 
 class Receivers:
@@ -372,14 +366,7 @@ async def _drive(
 def _load_in_child(
     port: int, requests: Sequence[bytes], connections: int, rate: float | None
 ) -> LoadResult:
-    try:
-        import uvloop
-
-        loop_factory: Any = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_drive(port, requests, connections, rate))
+    return run_fast(_drive(port, requests, connections, rate))
 
 
 class LoadGenerator:
