@@ -391,27 +391,30 @@ class Load:
         return None
 
     async def cancel(self, job: Tracked) -> None:
-        response = await self.api.send(
-            "job.cancel",
-            "POST",
-            f"/api/v1/jobs/{job.id}/cancel",
-            idempotent=False,
-            headers=self.admin,
-        )
-        if response is not None and response.status_code == 200:
+        if await self.admin_post("job.cancel", f"/api/v1/jobs/{job.id}/cancel"):
             job.cancels_ok += 1
+
+    async def admin_post(self, kind: str, path: str) -> bool:
+        """POST `path` with no body as the admin; whether it answered 200."""
+        response = await self.api.send(kind, "POST", path, idempotent=False, headers=self.admin)
+        return response is not None and response.status_code == 200
+
+    def track(self, item: dict[str, Any]) -> Tracked:
+        """Book a job an answer lists (created, reopened), with its continue URL's token."""
+        job = self.books.job(item["id"], item["kind"], item["async"])
+        if "continue_url" in item:
+            job.live_tokens.add(token_of(item["continue_url"]))
+        return job
 
     async def retry(self, job: Tracked, rng: random.Random) -> Any:
         """Retry a terminal job; an external one's new attempt is called back at once."""
         answer = await self.create("job.retry", f"/api/v1/jobs/{job.id}/retry", {})
         if answer is None:
             return None
-        for item in [answer, *answer.get("reopened", [])]:
-            new = self.books.job(item["id"], item["kind"], item["async"])
-            if "continue_url" in item:
-                new.live_tokens.add(token_of(item["continue_url"]))
+        new = self.track(answer)
+        for item in answer.get("reopened", []):
+            self.track(item)
         if job.kind == "external" and "continue_url" in answer:
-            new = self.books.jobs[answer["id"]]
             await asyncio.sleep(rng.uniform(0, 0.3))  # the external system's pace
             await self.terminal_call(
                 new, token_of(answer["continue_url"]), self.callback_body(rng, "retried"), None
@@ -548,22 +551,13 @@ class Load:
             return
         by_name = {}
         for item in created["jobs"]:
-            tracked = self.books.job(item["id"], item["kind"], item["async"])
-            if "continue_url" in item:
-                tracked.live_tokens.add(token_of(item["continue_url"]))
-            by_name[item["name"]] = (tracked, item)
+            by_name[item["name"]] = (self.track(item), item)
         provision, item = by_name["provision"]
         token = token_of(item["continue_url"])
         if rng.random() < 0.1:
             await asyncio.sleep(rng.uniform(0, 2))
-            canceled = await self.api.send(
-                "pipeline.cancel",
-                "POST",
-                f"/api/v1/pipelines/{created['id']}/cancel",
-                idempotent=False,
-                headers=self.admin,
-            )
-            if canceled is not None and canceled.status_code == 200:
+            pipeline_cancel = f"/api/v1/pipelines/{created['id']}/cancel"
+            if await self.admin_post("pipeline.cancel", pipeline_cancel):
                 self.books.pipelines_canceled.add(created["id"])
         await self.provision(provision, token, rng)
         build, _ = by_name["build"]
