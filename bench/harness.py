@@ -90,10 +90,11 @@ class Summary:
         self.rows.append((figure, value, target, "yes" if met else "NO"))
 
 
-def print_table(rows: Sequence[Row]) -> None:
-    """The summary table in aligned columns, after a blank line."""
-    header = ("figure", "value", "goal", "met?")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+def print_table(
+    rows: Sequence[Sequence[str]], header: Sequence[str] = ("figure", "value", "goal", "met?")
+) -> None:
+    """A table in aligned columns (a summary's by default), after a blank line."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print()
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

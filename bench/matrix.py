@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, describe_checkout
+from harness import ROOT, describe_checkout, print_table
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 BENCHES = ("callbacks", "dispatch")
@@ -125,7 +125,7 @@ def run_one(name: str, shape: Shape, dsn: str, quick: bool, out: Path) -> dict[s
 
 
 def table(records: dict[str, dict[str, dict[str, Any] | None]]) -> list[list[str]]:
-    rows = [["figure", *(shape.label for shape in SHAPES)]]
+    rows: list[list[str]] = []
     for name, figures in FIGURES.items():
         if name not in records:
             continue
@@ -140,13 +140,6 @@ def table(records: dict[str, dict[str, dict[str, Any] | None]]) -> list[list[str
                     cells.append("?")
             rows.append([label, *cells])
     return rows
-
-
-def print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [rows[0], ["-" * w for w in widths], *rows[1:]]
-    for row in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for index, shape in enumerate(SHAPES):
                 out = Path(tmp) / f"{name}-{index}.json"
                 records[name][shape.label] = run_one(name, shape, dsn, args.quick, out)
-    print(f"\nbench/matrix.py, code {describe_checkout()}:\n")
-    print_table(table(records))
+    print(f"\nbench/matrix.py, code {describe_checkout()}:")
+    print_table(table(records), header=["figure", *(shape.label for shape in SHAPES)])
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
