@@ -66,6 +66,7 @@ from harness import (
     HarnessError,
     Row,
     Summary,
+    database_name,
     describe_checkout,
     fail_if,
     is_postgres_url,
@@ -903,7 +904,7 @@ def soak_once(work: Path, db: str | None, figures: Figures) -> tuple[Soak, dict[
             f" hand-outs/s ({figures.runners} runners) for {figures.minutes} min, open loop",
             flush=True,
         )
-        database = None if db is None else urlsplit(db).path.lstrip("/")
+        database = None if db is None else database_name(db)
         soak = Soak(gateway, prepared, figures, database)
         run_load(soak)
     os.sched_setaffinity(0, everywhere)
