@@ -461,7 +461,7 @@ class Cluster:
     ) -> None:
         if replicas < 1:
             raise ValueError("a cluster has one replica at least")
-        if replicas > 1 and not (db or "").startswith(("postgresql://", "postgres://")):
+        if replicas > 1 and not is_postgres_url(db):
             raise HarnessError("several replicas need a PostgreSQL database (db=postgresql://...)")
         self.work = work
         self.replicas = replicas

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from harness import is_postgres_url
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -98,10 +99,6 @@ INSERT_EVENT = (
     "INSERT INTO job_events (job_id, sequence, state, previous_state, cause, at)"
     " VALUES (?, ?, 'success', 'pending', 'callback', ?)"
 )
-
-
-def is_postgres_url(db: str) -> bool:
-    return db.startswith(("postgresql://", "postgres://"))
 
 
 def dollars(sql: str) -> str:
