@@ -868,7 +868,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parked=args.parked or (100_000 if args.quick else 1_000_000),
         pinned=args.pin,
     )
-    sys.path.insert(0, str(ROOT / "bench"))
     print(
         f"bench/callbacks.py: {results.store} x{results.replicas}, {results.jobs} callbacks,"
         f" {results.clients} clients"
