@@ -71,7 +71,6 @@ from harness import (
     Server,
     Summary,
     database_name,
-    describe_checkout,
     fail_if,
     is_postgres_url,
     percentile,
@@ -79,6 +78,7 @@ from harness import (
     postgres_database,
     print_table,
     run_async,
+    run_context,
     run_fast,
     running,
     start_gateway,
@@ -872,8 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"bench/callbacks.py: {results.store} x{results.replicas}, {results.jobs} callbacks,"
         f" {results.clients} clients"
         + ("" if args.db else f", {results.parked:,} parked")
-        + f"; {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M %Z')};"
-        f" code {describe_checkout()}"
+        + f"; {run_context()}"
     )
     started = time.perf_counter()
     loadgen_cpus = None

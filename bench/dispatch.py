@@ -73,7 +73,6 @@ from harness import (
     Row,
     Summary,
     database_name,
-    describe_checkout,
     end_process,
     fail_if,
     is_postgres_url,
@@ -81,6 +80,7 @@ from harness import (
     postgres_cpu_s,
     postgres_database,
     print_table,
+    run_context,
     run_fast,
 )
 
@@ -796,8 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"bench/dispatch.py: {results.store} x{results.replicas}, {results.runners} runner"
         f" clients, {results.jobs} hand-outs,"
-        f" {results.wakeups} wake-ups, W = {results.wait_s:g} s; {os.cpu_count()} CPUs;"
-        f" {time.strftime('%Y-%m-%d %H:%M %Z')}; code {describe_checkout()}"
+        f" {results.wakeups} wake-ups, W = {results.wait_s:g} s; {run_context()}"
     )
     started = time.perf_counter()
     clients = RunnerClients()

@@ -127,6 +127,13 @@ def describe_checkout() -> str:
         return "(not a git checkout)"
 
 
+def run_context() -> str:
+    """`N CPUs; <date>; code <commit>`: how a benchmark's first line ends."""
+    return (
+        f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M %Z')}; code {describe_checkout()}"
+    )
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of an already sorted sequence (NaN when it is empty)."""
     if not sorted_values:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, describe_checkout, print_table
+from harness import ROOT, describe_checkout, print_table, run_context
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 BENCHES = ("callbacks", "dispatch")
@@ -153,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [args.only] if args.only else list(BENCHES)
     print(
         f"bench/matrix.py: {', '.join(names)} on {', '.join(s.label for s in SHAPES)};"
-        f" {'quick; ' if args.quick else ''}{os.cpu_count()} CPUs;"
-        f" {time.strftime('%Y-%m-%d %H:%M %Z')}; code {describe_checkout()}",
+        f" {'quick; ' if args.quick else ''}{run_context()}",
         flush=True,
     )
     started = time.perf_counter()

@@ -75,6 +75,7 @@ from harness import (
     print_table,
     process_cpu_s,
     run_async,
+    run_context,
     run_fast,
     running,
     start_gateway,
@@ -949,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"bench/soak.py: {figures.store}, {figures.parked:,} parked, {figures.minutes} min of"
         f" {figures.callbacks_per_s:g} callbacks/s + {figures.hand_outs_per_s:g} hand-outs/s;"
-        f" {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M %Z')}; code {describe_checkout()}",
+        f" {run_context()}",
         flush=True,
     )
     started = time.perf_counter()

@@ -40,7 +40,6 @@ import hmac
 import json
 import math
 import multiprocessing
-import os
 import re
 import sys
 import tempfile
@@ -61,7 +60,6 @@ from harness import (
     Row,
     Summary,
     database_name,
-    describe_checkout,
     fail_if,
     is_postgres_url,
     percentile,
@@ -69,6 +67,7 @@ from harness import (
     postgres_database,
     print_table,
     process_cpu_s,
+    run_context,
     run_fast,
     running,
     start_gateway,
@@ -710,8 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"bench/webhooks.py: {results.jobs} jobs x {ENDPOINTS} subscriptions, latency at"
         f" {results.rate} deliveries/s for {results.seconds:g} s;"
-        f" {'PostgreSQL' if results.postgres else 'SQLite'}; {os.cpu_count()} CPUs;"
-        f" {time.strftime('%Y-%m-%d %H:%M %Z')}; code {describe_checkout()}"
+        f" {'PostgreSQL' if results.postgres else 'SQLite'}; {run_context()}"
     )
     started = time.perf_counter()
     loadgen = LoadGenerator()
